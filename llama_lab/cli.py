@@ -1,0 +1,203 @@
+"""The `llama-lab` command: `doctor` checks a machine, `lab` opens the notebooks,
+`generate` answers a prompt from the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+SHOWN_PACKAGES = ["torch", "transformers", "accelerate", "peft", "gguf", "ipywidgets", "jupyterlab"]
+SMALL_TRACK_BYTES = 1_500_000_000  # the small model, a notebook's work, and the kernel
+
+
+def _tested_ranges() -> dict[str, SpecifierSet]:
+    """The version ranges this install of llama-lab declares (from its own metadata)."""
+    try:
+        meta = importlib.metadata.metadata("llama-lab")
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    ranges = {"python": SpecifierSet(meta.get("Requires-Python") or "")}
+    for line in meta.get_all("Requires-Dist") or []:
+        req = Requirement(line)
+        if req.marker is None:
+            ranges[req.name.lower()] = req.specifier
+    return ranges
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _row(ok: bool | None, label: str, text: str, marks: tuple[str, str] = ("ok", "FAIL")) -> str:
+    mark = {True: marks[0], False: marks[1], None: "--"}[ok]
+    return f"  [{mark:<4}] {label:<24} {text}"
+
+
+def _software_rows() -> tuple[list[str], list[str]]:
+    ranges, rows, fixes = _tested_ranges(), [], []
+    python = platform.python_version()
+    ok = python in ranges["python"] if "python" in ranges else None
+    rows.append(_row(ok, "Python", f"{python}  (needs {ranges.get('python', 'any')})"))
+    for package in SHOWN_PACKAGES:
+        version, spec = _version(package), ranges.get(package)
+        if version is None:
+            rows.append(_row(False, package, "not installed"))
+            fixes.append(f"pip install '{package}{spec or ''}'")
+            continue
+        ok = None if spec is None else spec.contains(version.split("+")[0], prereleases=True)
+        rows.append(_row(ok, package, f"{version}  (needs {spec or 'any'})"))
+        if ok is False:
+            fixes.append(f"pip install '{package}{spec}'")
+    return rows, fixes
+
+
+def _machine_rows() -> tuple[list[str], float, float | None, str | None]:
+    import torch
+
+    from llama_lab.models import available_memory
+
+    ram = available_memory("cpu")
+    rows = [_row(None, "CPU cores", str(os.cpu_count())),
+            _row(ram >= SMALL_TRACK_BYTES, "free RAM", f"{ram / 1e9:.1f} GB")]
+    gpu_name = vram = None
+    if torch.cuda.is_available():
+        gpu_name, vram = torch.cuda.get_device_name(0), available_memory("cuda")
+        rows.append(_row(None, "GPU", f"{gpu_name}, {vram / 1e9:.1f} GB free"))
+    else:
+        rows.append(_row(None, "GPU", "none (torch sees no CUDA device)"))
+    return rows, ram, vram, gpu_name
+
+
+def _model_rows() -> tuple[list[str], list[str]]:
+    """Load the default model and run one forward pass."""
+    import torch
+
+    from llama_lab.models import default_model_name, load_model
+
+    name = default_model_name()
+    try:
+        start = time.perf_counter()
+        model, tokenizer = load_model(name, device="cpu")
+        ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+        with torch.no_grad():
+            next_id = model(ids).logits[0, -1].argmax().item()
+        seconds = time.perf_counter() - start
+    except Exception as err:  # any failure here is what the doctor must report
+        fix = str(err).splitlines()[0]
+        return [_row(False, f"model {name}", f"{type(err).__name__}: {fix}")], [fix]
+    word = tokenizer.decode([next_id]).strip()
+    return [_row(True, f"model {name}", f"loads and runs in {seconds:.1f} s (next word: {word!r})")], []
+
+
+def _token_row() -> str:
+    from huggingface_hub import get_token
+
+    present = get_token() is not None  # the value itself is never shown
+    return _row(None, "Hugging Face token", "present" if present else
+                "none (needed only for the Llama 2 notebook: huggingface-cli login)")
+
+
+def _track_rows(ram: float, vram: float | None, model_ok: bool) -> list[str]:
+    from llama_lab.models import MODELS, memory_needed
+
+    spec = MODELS["llama-2-13b"]
+    yes_no = ("yes", "no")
+    rows = [_row(model_ok and ram >= SMALL_TRACK_BYTES, "small model on CPU",
+                 f"notebooks 00-05 (needs ~{SMALL_TRACK_BYTES / 1e9:.1f} GB RAM)", yes_no)]
+    for label, weights in [("13B in 4-bit (GPU)", "nf4"), ("13B in bf16 (GPU)", "bf16")]:
+        need = memory_needed(spec, weights)
+        fits = vram is not None and vram >= need
+        rows.append(_row(fits, label, f"needs a CUDA GPU with {need / 1e9:.1f} GB free", yes_no))
+    return rows
+
+
+def doctor() -> int:
+    """Print one screen about this machine; 0 when the default (small model) track works."""
+    print("llama-lab doctor: paste this screen when you ask for help.\n\nSoftware")
+    soft_rows, fixes = _software_rows()
+    print("\n".join(soft_rows))
+    print("\nMachine")
+    machine_rows, ram, vram, _ = _machine_rows()
+    print("\n".join(machine_rows))
+    print("\nModels")
+    model_rows, model_fixes = _model_rows()
+    print("\n".join(model_rows + [_token_row()]))
+    print("\nTracks")
+    print("\n".join(_track_rows(ram, vram, not model_fixes)))
+    fixes += model_fixes
+    if ram < SMALL_TRACK_BYTES:
+        fixes.append(f"free some memory: the notebooks need ~{SMALL_TRACK_BYTES / 1e9:.1f} GB, "
+                     f"{ram / 1e9:.1f} GB is free (close other programs or notebooks)")
+    if fixes:
+        print("\nNot ready. To fix:\n" + "\n".join(f"  - {fix}" for fix in fixes))
+        return 1
+    print("\nReady: the notebooks run on this machine.")
+    return 0
+
+
+def lab(extra: list[str]) -> int:
+    """Open JupyterLab on the notebooks folder (or the current folder if not in a checkout)."""
+    folder = NOTEBOOKS if NOTEBOOKS.is_dir() else Path.cwd()
+    jupyter = shutil.which("jupyter")
+    if jupyter is None:
+        print("JupyterLab is not installed: pip install jupyterlab", file=sys.stderr)
+        return 1
+    os.execv(jupyter, [jupyter, "lab", f"--notebook-dir={folder}", *extra])
+    return 0  # not reached: execv replaces this process
+
+
+def generate(prompt: str, model_name: str | None, max_new_tokens: int) -> int:
+    """Answer one chat prompt greedily with transformers' generate."""
+    from llama_lab.errors import LlamaLabError
+    from llama_lab.models import load_model
+
+    try:
+        model, tokenizer = load_model(model_name)
+    except LlamaLabError as err:
+        print(err, file=sys.stderr)
+        return 1
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llama-lab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="check this machine for the workshop")
+    sub.add_parser("lab", help="open JupyterLab on the notebooks (extra args go to jupyter lab)")
+    gen = sub.add_parser("generate", help="answer a prompt with a model")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default=None, help="a model name (default: $LLAMA_LAB_MODEL or smollm2-135m)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    args, extra = parser.parse_known_args(argv)
+    if args.command != "lab":
+        from llama_lab.notebook import setup
+
+        setup()  # quiet logs, no progress bars, fixed seeds
+    if args.command == "doctor":
+        return doctor()
+    if args.command == "lab":
+        return lab(extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return generate(args.prompt, args.model, args.max_new_tokens)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
