@@ -1,0 +1,274 @@
+"""Tests of notebook 01's library code: the from-scratch BPE against `tokenizers`, the
+Llama-2-style SentencePiece model, chat formats, the token display and the checkers."""
+
+from collections import Counter
+from itertools import pairwise
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llama_lab import checks, models, solutions, tokenization, widgets
+
+VOCAB = 300  # 44 merges: enough to exercise every path, quick to train
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return tokenization.load_corpus()
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus):
+    return tokenization.BPE.train(corpus, VOCAB)
+
+
+@pytest.fixture(scope="module")
+def library(corpus):
+    return tokenization.library_bpe(corpus, VOCAB)
+
+
+@pytest.fixture(scope="module")
+def sp(corpus):
+    return tokenization.train_sentencepiece(corpus, vocab_size=1000)
+
+
+@pytest.fixture(scope="module")
+def llama_style(sp):
+    return tokenization.to_transformers(sp)
+
+
+def library_token_bytes(library, text):
+    return [bytes(tokenization.CHAR_TO_BYTE[c] for c in token) for token in library.encode(text).tokens]
+
+
+FIXTURES = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+# Characters assigned in this Python's Unicode database. The two regex engines (Python's `regex`,
+# the Rust crate inside `tokenizers`) ship different Unicode versions: a character assigned only in
+# the newer one is a letter for one and "unassigned" for the other, so the word splits differ.
+ASSIGNED_TEXT = st.text(st.characters(exclude_categories=("Cn", "Cs")))
+
+
+# --- from-scratch BPE ------------------------------------------------------------------------------
+
+def test_corpus_is_small_and_documented():
+    assert 50_000 < tokenization.CORPUS_PATH.stat().st_size < 200_000
+    assert tokenization.CORPUS_PATH.name.startswith("tok_")
+
+
+def test_training_learns_the_most_frequent_pair_first():
+    bpe = tokenization.BPE.train("ab ab ab cd", vocab_size=257)
+    assert bpe.merge_list() == [(b"a", b"b")] and bpe.encode("ab") == [256]
+    assert len(bpe) == 257
+
+
+def test_training_stops_when_nothing_is_left_to_merge():
+    bpe = tokenization.BPE.train("aa", vocab_size=300)
+    assert bpe.merge_list() == [(b"a", b"a")]
+
+
+def test_same_merges_as_tokenizers_on_the_corpus(bpe, library):
+    assert len(bpe.merges) == VOCAB - 256
+    assert bpe.merge_list() == tokenization.library_merges(library)
+
+
+@FIXTURES
+@given(st.text(st.characters(exclude_categories=("Cn", "Cs")), max_size=300))
+def test_same_merges_as_tokenizers_on_any_text(text):
+    # small random texts are full of ties between equally frequent pairs: the tie rule must match too
+    assert tokenization.BPE.train(text, 280).merge_list() == \
+        tokenization.library_merges(tokenization.library_bpe(text, 280))
+
+
+@FIXTURES
+@given(st.text())
+def test_round_trips_any_unicode_string(bpe, text):
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+@FIXTURES
+@given(ASSIGNED_TEXT)
+def test_same_encoding_as_tokenizers(bpe, library, text):
+    assert [bpe.vocab[i] for i in bpe.encode(text)] == library_token_bytes(library, text)
+
+
+def test_decode_replaces_a_broken_character(bpe):
+    llama = bpe.encode("🦙")
+    assert bpe.decode(llama) == "🦙" and bpe.decode(llama[:1]) == "\ufffd"
+
+
+# --- Llama 2's SentencePiece recipe ----------------------------------------------------------------
+
+def test_trained_model_has_the_llama2_settings(sp):
+    # The values printed by `print(proto.trainer_spec)` for Llama 2's own tokenizer.model.
+    proto = tokenization.model_proto(sp)
+    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
+    assert trainer.model_type == trainer.BPE
+    assert trainer.split_digits and trainer.byte_fallback and trainer.allow_whitespace_only_pieces
+    assert trainer.split_by_unicode_script and trainer.split_by_number and trainer.split_by_whitespace
+    assert not trainer.treat_whitespace_as_suffix
+    assert trainer.character_coverage == pytest.approx(0.99995)
+    assert trainer.max_sentencepiece_length == 16
+    assert (trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id) == (0, 1, 2, -1)
+    assert (trainer.unk_piece, trainer.bos_piece, trainer.eos_piece) == ("<unk>", "<s>", "</s>")
+    assert normalizer.name == "identity" and normalizer.add_dummy_prefix
+    assert not normalizer.remove_extra_whitespaces and normalizer.precompiled_charsmap == b""
+    assert trainer.vocab_size == sp.get_piece_size() == 1000
+
+
+def test_pieces_are_laid_out_like_llama2(sp):
+    assert [sp.id_to_piece(i) for i in (0, 1, 2, 3, 13, 258)] == \
+        ["<unk>", "<s>", "</s>", "<0x00>", "<0x0A>", "<0xFF>"]
+
+
+def test_recipe_effects(sp):
+    assert sp.encode("x 90210", out_type=str)[-5:] == ["9", "0", "2", "1", "0"]  # digits split
+    assert sp.encode("🦙", out_type=str)[-4:] == ["<0xF0>", "<0x9F>", "<0xA6>", "<0x99>"]  # byte fallback
+    assert sp.encode("Hello", out_type=str)[0].startswith("▁")  # dummy prefix
+    assert "▁▁▁▁" in sp.encode("    return", out_type=str)  # whitespace-only piece
+    assert sp.decode(sp.encode("ﬁne  Ⅻ")) == "ﬁne  Ⅻ"  # identity normalization: no NFKC, spaces kept
+
+
+# "▁" (U+2581) is SentencePiece's own mark for a space: in the input it decodes back as " ",
+# with Llama 2's real tokenizer too. Any other text comes back unchanged.
+NO_SPACE_MARK = st.characters(codec="utf-8", exclude_characters="▁")
+
+
+@FIXTURES
+@given(st.text(NO_SPACE_MARK))
+def test_sentencepiece_round_trips_without_unk(sp, text):
+    ids = sp.encode(text)
+    assert sp.unk_id() not in ids and sp.decode(ids) == text
+
+
+@FIXTURES
+@given(st.text(st.characters(codec="utf-8", exclude_characters="▁<>")))  # "<s>" is special in transformers
+def test_transformers_wrapper_agrees_with_sentencepiece(sp, llama_style, text):
+    assert llama_style(text).input_ids == [sp.bos_id(), *sp.encode(text)]
+    assert llama_style.decode(llama_style(text).input_ids, skip_special_tokens=True) == text
+
+
+def test_llama2_tokenizer_offline_says_so_in_one_line(capsys):
+    assert tokenization.load_llama2_tokenizer() is None  # tests run with HF_HUB_OFFLINE=1
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "not available" in out
+
+
+# --- chat formats ----------------------------------------------------------------------------------
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi!"}],
+    [SYSTEM, {"role": "user", "content": " Hi! "}],
+    [SYSTEM, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "And 3+3?"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+]
+
+
+def test_llama2_chat_format_by_hand():
+    assert tokenization.format_llama2_chat(CONVERSATIONS[2]) == (
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n2+2? [/INST] 4 </s><s>[INST] And 3+3? [/INST]")
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_llama2_chat_format_equals_the_template(llama_style, messages):
+    rendered = llama_style.apply_chat_template(messages, tokenize=False)
+    assert tokenization.format_llama2_chat(messages) == rendered
+
+
+def test_llama2_chat_format_refuses_roles_out_of_order(llama_style):
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(ValueError, match="alternating"):
+        tokenization.format_llama2_chat(bad)
+    with pytest.raises(Exception, match="alternate"):
+        llama_style.apply_chat_template(bad, tokenize=False)
+
+
+def test_double_bos(llama_style):
+    text = tokenization.format_llama2_chat(CONVERSATIONS[1])
+    assert llama_style(text).input_ids[:2] == [1, 1]
+    assert llama_style.apply_chat_template(CONVERSATIONS[1], return_dict=False)[:2] != [1, 1]
+
+
+# --- looking at tokens -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["Hello, llamas 🦙!", "naïve\n\tcode = 12345", ""])
+def test_token_bytes_cover_the_text(bpe, sp, llama_style, text):
+    raw = text.encode("utf-8")
+    assert b"".join(b for _, b in tokenization.token_bytes(bpe, text)) == raw
+    assert b"".join(b for _, b in tokenization.token_bytes(models.tiny_tokenizer(), text)) == raw
+    prefixed = b" " + raw if text else b""  # SentencePiece's dummy prefix
+    assert b"".join(b for _, b in tokenization.token_bytes(sp, text)) == prefixed
+    assert tokenization.token_bytes(llama_style, text) == tokenization.token_bytes(sp, text)
+
+
+def test_tokens_html(bpe):
+    text = "if a < b:\n    🦙"
+    pieces = tokenization.token_bytes(bpe, text)
+    page = tokenization.tokens_html(bpe, text)
+    assert page.count("<span") == len(pieces) and f"{len(pieces)} tokens" in page
+    assert "&lt;" in page and "<b" not in page.replace("<br", "")  # the text is escaped
+    assert all(f'title="id {i}"' in page for i, _ in pieces)
+    assert "<sub" not in tokenization.tokens_html(bpe, text, show_ids=False)
+
+
+def test_tokens_per_word():
+    no_merges = tokenization.BPE({})
+    assert tokenization.tokens_per_word(no_merges, "a b c") == 5 / 3  # 5 bytes, 3 words
+
+
+def test_token_explorer_follows_the_text_and_the_choice(bpe, sp):
+    explorer = widgets.token_explorer({"bpe": bpe, "sp": sp}, text="llamas")
+    choice, box, view, counts = explorer.children
+    assert view.value == tokenization.tokens_html(bpe, "llamas")
+    box.value = "12345"
+    assert view.value == tokenization.tokens_html(bpe, "12345")
+    choice.value = "sp"
+    assert view.value == tokenization.tokens_html(sp, "12345")
+    assert f"<b>sp</b> {tokenization.count_tokens(sp, '12345')}" in counts.value
+
+
+# --- exercises ---------------------------------------------------------------------------------------
+
+def not_answered(*args):
+    raise NotImplementedError
+
+
+def test_check_count_pairs():
+    assert checks.check_count_pairs(solutions.count_pairs)
+    assert checks.check_count_pairs(tokenization.get_stats)
+    assert not checks.check_count_pairs(lambda ids: dict(Counter(zip(ids[::2], ids[1::2], strict=False))))
+    assert not checks.check_count_pairs(lambda ids: dict.fromkeys(pairwise(ids), 1))  # no counting
+    assert not checks.check_count_pairs(not_answered)
+
+
+def test_check_apply_merge():
+    assert checks.check_apply_merge(solutions.apply_merge)
+    assert checks.check_apply_merge(tokenization.merge)
+
+    def right_to_left(ids, pair, new_id):
+        return solutions.apply_merge(ids[::-1], pair[::-1], new_id)[::-1]
+
+    assert not checks.check_apply_merge(right_to_left)  # [7, 7, 7] -> [7, 9]
+    assert not checks.check_apply_merge(lambda ids, pair, new_id: [i for i in ids if i not in pair])
+    assert not checks.check_apply_merge(not_answered)
+
+
+def test_check_chat_prompt_tokens(capsys):
+    assert checks.check_chat_prompt_tokens(solutions.chat_prompt_tokens)
+
+    def double_bos(tokenizer, messages):
+        return len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False,
+                                                           add_generation_prompt=True)).input_ids)
+
+    def no_generation_prompt(tokenizer, messages):
+        return len(tokenizer.apply_chat_template(messages, return_dict=False))
+
+    def characters(tokenizer, messages):
+        return len(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+    for wrong in (double_bos, no_generation_prompt, characters):
+        assert not checks.check_chat_prompt_tokens(wrong)
+    assert not checks.check_chat_prompt_tokens(not_answered)
+    assert "not answered yet" in capsys.readouterr().out
