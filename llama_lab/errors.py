@@ -50,6 +50,10 @@ class InvalidSettingError(LlamaLabError, ValueError):
     """A setting outside its valid range (sampling, sizes, dtypes)."""
 
 
+class AttentionNotAvailableError(LlamaLabError, ValueError):
+    """The model computes attention with a kernel that returns no attention weights."""
+
+
 class ContextLengthError(LlamaLabError, ValueError):
     """A prompt longer than the model's context window."""
 

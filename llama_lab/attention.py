@@ -1,0 +1,446 @@
+"""Attention maps of a Llama model: collect them, score what each head does, draw them.
+
+>>> import llama_lab as lab
+>>> model, tokenizer = lab.load_model("tiny-random", attn_implementation="eager")
+>>> maps = collect_attention(model, tokenizer, "hello", layers=[0, 3], heads=[1])
+>>> tuple(maps.weights.shape), maps.tokens  # (layers, heads, queries, keys)
+((2, 1, 5, 5), ['h', 'e', 'l', 'l', 'o'])
+
+Weights come from transformers' eager attention, the numbers
+`output_attentions=True` returns; the fused kernels (sdpa, FlashAttention) do
+not return them. Three ways to look at them:
+
+* `plot_heads` / `plot_layer_head_map`: matplotlib pictures (GitHub shows them);
+* `attention_viewer`: an interactive view of our own, plain HTML/SVG and a
+  little inline JavaScript, no network (JupyterLab, Colab, VS Code);
+* `bertviz_view`: bertviz's head and model views, which load their
+  JavaScript from a CDN (online only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import itertools
+import json
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import torch
+from IPython.display import HTML
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb, repeat_kv
+
+from llama_lab import sizing
+from llama_lab.errors import AttentionNotAvailableError, InvalidSettingError
+
+
+@dataclass
+class AttentionMaps:
+    """Attention weights of some layers and heads for one input.
+
+    weights[i, j, q, k] is how much query position q of head `heads[j]` in
+    layer `layers[i]` attends to key position k (each row sums to 1).
+    """
+
+    weights: torch.Tensor  # (layers, heads, tokens, tokens), float32 on the CPU
+    tokens: list[str]
+    layers: list[int]
+    heads: list[int]
+
+    def head(self, layer: int, head: int) -> torch.Tensor:
+        """The (tokens x tokens) map of one head, by its layer and head number in the model."""
+        return self.weights[self.layers.index(layer), self.heads.index(head)]
+
+    @property
+    def nbytes(self) -> int:
+        return self.weights.numel() * self.weights.element_size()
+
+
+# --- collecting -----------------------------------------------------------------------------------
+
+def require_eager(model) -> None:
+    """Raise `AttentionNotAvailableError` unless `model` uses eager attention."""
+    implementation = model.config._attn_implementation
+    if implementation != "eager":
+        raise AttentionNotAvailableError(
+            f"This model computes attention with {implementation!r}, a fused kernel that does not "
+            "return the (heads x tokens x tokens) attention weights, so there are no maps to show. "
+            "Load it with lab.load_model(attn_implementation='eager'), or switch this model with "
+            "model.set_attn_implementation('eager').")
+
+
+def token_labels(tokenizer, input_ids) -> list[str]:
+    """Each token as readable text (byte-level 'Ġ' shown as a space, newlines as '\\n')."""
+    return [tokenizer.decode([int(i)]).replace("\n", "\\n") for i in input_ids]
+
+
+def _as_ids(tokenizer, text) -> torch.Tensor:
+    if isinstance(text, str):
+        return tokenizer(text, return_tensors="pt").input_ids
+    return torch.as_tensor(text).reshape(1, -1)
+
+
+def _checked(kind: str, chosen, total: int) -> list[int]:
+    chosen = list(range(total)) if chosen is None else [int(i) for i in chosen]
+    bad = [i for i in chosen if not 0 <= i < total]
+    if bad or not chosen:
+        raise InvalidSettingError(f"{kind} {bad or chosen} out of range: this model has {total} {kind}, "
+                                  f"numbered 0 to {total - 1}.")
+    return chosen
+
+
+def collect_attention(model, tokenizer, text, *, layers=None, heads=None,
+                      max_tokens: int | None = None) -> AttentionMaps:
+    """Run `text` (a string or token ids) through `model` and keep the chosen attention maps.
+
+    layers, heads: numbers to keep (default all); max_tokens: keep only the first
+    tokens. Attention is causal, so the maps of a prefix are exactly the top-left
+    corner of the maps of the whole text.
+
+    Hooks on the chosen layers keep only the chosen heads as the model runs: the
+    same numbers as `output_attentions=True`, without holding every layer's maps
+    (which for 13B at 1,000 tokens would be 3 GB).
+    """
+    require_eager(model)
+    config = model.config
+    layers = _checked("layers", layers, config.num_hidden_layers)
+    heads = _checked("heads", heads, config.num_attention_heads)
+    ids = _as_ids(tokenizer, text)[:, :max_tokens]
+    kept = {}
+
+    def keeper(layer: int):
+        def keep(module, args, output):  # eager attention returns (output, weights)
+            kept[layer] = output[1][0, heads].float().cpu()
+        return keep
+
+    handles = [model.model.layers[layer].self_attn.register_forward_hook(keeper(layer)) for layer in layers]
+    try:
+        with torch.no_grad():
+            model(ids.to(model.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return AttentionMaps(torch.stack([kept[layer] for layer in layers]), token_labels(tokenizer, ids[0]),
+                         layers, heads)
+
+
+def queries_keys(model, input_ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys of `layer` after RoPE, as the attention scores see them.
+
+    Returns q and k of shape (query heads, tokens, head_dim): the keys are
+    already repeated for grouped-query attention, so q[h] pairs with k[h].
+    """
+    attention = model.model.layers[layer].self_attn
+    seen = {}
+
+    def grab(module, args, kwargs, output):
+        seen.update(hidden=kwargs["hidden_states"], cos_sin=kwargs["position_embeddings"])
+
+    handle = attention.register_forward_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids.reshape(1, -1).to(model.device), use_cache=False)
+    finally:
+        handle.remove()
+    hidden = seen["hidden"]
+    shape = (*hidden.shape[:-1], -1, attention.head_dim)
+    with torch.no_grad():
+        q = attention.q_proj(hidden).view(shape).transpose(1, 2)
+        k = attention.k_proj(hidden).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *seen["cos_sin"])
+    return q[0].float().cpu(), repeat_kv(k, attention.num_key_value_groups)[0].float().cpu()
+
+
+# --- what heads do: scores per head ---------------------------------------------------------------
+
+def previous_token_score(weights: torch.Tensor) -> torch.Tensor:
+    """Mean attention from each token to the token just before it (over the last two dims)."""
+    rows = torch.arange(1, weights.shape[-1])
+    return weights[..., rows, rows - 1].mean(-1)
+
+
+def first_token_score(weights: torch.Tensor) -> torch.Tensor:
+    """Mean attention from each token (but the first) to the first token: the "attention sink"."""
+    return weights[..., 1:, 0].mean(-1)
+
+
+def induction_score(weights: torch.Tensor, period: int) -> torch.Tensor:
+    """On a sequence that repeats every `period` tokens: mean attention from each token of
+    the repeat to the token that FOLLOWED its previous occurrence (offset period - 1).
+
+    An induction head does exactly that: "last time I saw this token, B came next;
+    look at B", which lets the model copy the continuation.
+    """
+    rows = torch.arange(period, weights.shape[-1])
+    return weights[..., rows, rows - period + 1].mean(-1)
+
+
+def repeated_random_tokens(vocab_size: int, period: int, repeats: int = 2, seed: int = 0) -> torch.Tensor:
+    """`period` random token ids, repeated `repeats` times: shape (period * repeats,).
+
+    >>> ids = repeated_random_tokens(100, period=3)
+    >>> ids.shape, bool((ids[:3] == ids[3:]).all())
+    (torch.Size([6]), True)
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(vocab_size, (period,), generator=generator).repeat(repeats)
+
+
+def entropy_bits(weights: torch.Tensor) -> torch.Tensor:
+    """Entropy of each attention row in bits: 0 when a row looks at one token,
+    log2(k) when it spreads evenly over k tokens.
+
+    >>> entropy_bits(torch.tensor([[0.5, 0.5, 0, 0], [0.25, 0.25, 0.25, 0.25]])).tolist()
+    [1.0, 2.0]
+    """
+    return -torch.special.xlogy(weights, weights).sum(-1) / torch.log(torch.tensor(2.0))
+
+
+# --- grouped-query attention and RoPE -------------------------------------------------------------
+
+def kv_head_map(config) -> list[int]:
+    """For each query head, the key/value head it reads, from transformers' own `repeat_kv`.
+
+    >>> kv_head_map(LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3))
+    [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    """
+    n_kv = config.num_key_value_heads
+    kv_index = torch.arange(n_kv).view(1, n_kv, 1, 1)
+    return repeat_kv(kv_index, config.num_attention_heads // n_kv)[0, :, 0, 0].tolist()
+
+
+def rope_theta(config) -> float:
+    """The RoPE base of a config (transformers 5 keeps it in `rope_parameters`)."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def rope(x: torch.Tensor, positions, theta: float = 10000.0) -> torch.Tensor:
+    """Rotate vectors `x` (n, head_dim) to `positions` (n,) with transformers' Llama RoPE."""
+    head_dim = x.shape[-1]
+    config = LlamaConfig(hidden_size=head_dim, num_attention_heads=1, head_dim=head_dim, rope_theta=theta)
+    cos, sin = LlamaRotaryEmbedding(config)(x, torch.as_tensor(positions).reshape(1, -1))
+    rotated, _ = apply_rotary_pos_emb(x[None, None], x[None, None], cos, sin)
+    return rotated[0, 0]
+
+
+# --- cost -----------------------------------------------------------------------------------------
+
+def attention_map_bytes(config, n_tokens: int, dtype: str | torch.dtype = "fp32",
+                        layers: int | None = None, heads: int | None = None) -> int:
+    """Bytes of the attention maps of `layers` x `heads` (default: all of them) for `n_tokens`.
+
+    >>> attention_map_bytes(sizing.llama2_config("13b"), 4096, "bf16")  # every map of 13B: 54 GB
+    53687091200
+    """
+    layers = config.num_hidden_layers if layers is None else layers
+    heads = config.num_attention_heads if heads is None else heads
+    return round(layers * heads * n_tokens**2 * sizing.BYTES_PER_PARAM[sizing.dtype_name(dtype)])
+
+
+# --- matplotlib pictures --------------------------------------------------------------------------
+
+def plot_attention(weights: torch.Tensor, tokens: list[str], ax=None, title: str | None = None):
+    """One (queries x keys) map as a heatmap with the tokens on both axes."""
+    ax = ax or plt.subplots(figsize=(4, 4))[1]
+    ax.imshow(weights, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(tokens))
+    ax.set_xticks(ticks, tokens, rotation=90, fontsize=8)
+    ax.set_yticks(ticks, tokens, fontsize=8)
+    ax.set(xlabel="key (attended to)", ylabel="query (attending)", title=title)
+    ax.grid(False)
+    return ax
+
+
+def plot_heads(maps: AttentionMaps, size: float = 1.6):
+    """A grid of heatmaps: one row per collected layer, one column per collected head."""
+    n_layers, n_heads = maps.weights.shape[:2]
+    fig, axes = plt.subplots(n_layers, n_heads, figsize=(size * n_heads, size * n_layers), squeeze=False)
+    for (i, layer), (j, head) in itertools.product(enumerate(maps.layers), enumerate(maps.heads)):
+        ax = axes[i, j]
+        ax.imshow(maps.weights[i, j], cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+        ax.set_title(f"L{layer} H{head}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_head_map(scores: torch.Tensor, title: str, ax=None, layers=None):
+    """A (layers x heads) score map with a colour bar; the best head is boxed."""
+    ax = ax or plt.subplots(figsize=(3, 6))[1]
+    layers = list(range(scores.shape[0])) if layers is None else list(layers)
+    image = ax.imshow(scores, cmap="viridis", aspect="auto", vmin=0, vmax=max(float(scores.max()), 1e-9))
+    best_layer, best_head = divmod(int(scores.argmax()), scores.shape[1])
+    ax.add_patch(plt.Rectangle((best_head - 0.5, best_layer - 0.5), 1, 1, fill=False, color="red", lw=2))
+    ax.set_xticks(range(scores.shape[1]))
+    step = max(1, len(layers) // 10)
+    ax.set_yticks(range(0, len(layers), step), layers[::step])
+    ax.set(xlabel="head", ylabel="layer", title=title)
+    ax.grid(False)
+    ax.figure.colorbar(image, ax=ax, fraction=0.08)
+    return ax
+
+
+# --- interactive views ----------------------------------------------------------------------------
+
+_VIEWER_CSS = """
+#__ROOT__ { font-family: sans-serif; font-size: 13px; color: #222; }
+#__ROOT__ select { margin-right: 12px; }
+#__ROOT__ svg text { font-size: 12px; fill: #222; }
+#__ROOT__ svg text.token { cursor: pointer; }
+"""
+
+_VIEWER_JS = r"""
+(function () {
+  const root = document.currentScript?.parentElement || document.getElementById("__ROOT__");
+  const data = __DATA__;
+  const NS = "http://www.w3.org/2000/svg";
+  const [layerSel, headSel, modeSel] = ["layer", "head", "mode"].map(
+    r => root.querySelector(`[data-role=${r}]`));
+  const svg = root.querySelector("svg");
+  root.querySelector("[data-role=nojs]").remove();
+  root.querySelector("[data-role=controls]").style.display = "";
+  data.layers.forEach((l, i) => layerSel.add(new Option("layer " + l, i)));
+  data.heads.forEach((h, i) => headSel.add(new Option("head " + h, i)));
+  headSel.add(new Option("mean of these heads", -1));
+  const n = data.tokens.length, ROW = 20, PAD = 8;
+
+  function el(tag, attrs, text) {
+    const e = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text;
+    svg.appendChild(e);
+    return e;
+  }
+  function currentMap() {
+    const heads = data.weights[+layerSel.value], h = +headSel.value;
+    if (h >= 0) return heads[h];
+    return heads[0].map((row, q) => row.map((_, k) => heads.reduce((s, m) => s + m[q][k], 0) / heads.length));
+  }
+  function textWidth() {
+    const probe = el("text", {}, data.tokens.reduce((a, b) => (a.length > b.length ? a : b), ""));
+    const w = probe.getComputedTextLength ? probe.getComputedTextLength() : 0;
+    probe.remove();
+    return Math.max(w, 7 * Math.max(...data.tokens.map(t => t.length))) + PAD;
+  }
+  function drawLines(w) {
+    const tw = textWidth(), left = tw, right = tw + 160;
+    svg.setAttribute("width", right + tw + 60);
+    svg.setAttribute("height", (n + 1) * ROW);
+    const y = i => (i + 1) * ROW;
+    const lines = w.map((row, q) => row.map((v, k) => el("line", {
+      x1: left + 4, y1: y(q) - 4, x2: right - 4, y2: y(k) - 4, stroke: "steelblue",
+      "stroke-width": 2, "stroke-opacity": v })));
+    const labels = data.tokens.map((t, k) => el("text", {x: right + tw + 4, y: y(k)}, ""));
+    data.tokens.forEach((t, k) => el("text", {x: right, y: y(k)}, t));
+    data.tokens.forEach((t, q) => {
+      const label = el("text", {x: left - 4, y: y(q), "text-anchor": "end", class: "token"}, t);
+      label.addEventListener("mouseenter", () => {
+        lines.forEach((row, r) => row.forEach(line => line.style.display = r === q ? "" : "none"));
+        labels.forEach((l, k) => l.textContent = k <= q ? w[q][k].toFixed(2) : "");
+      });
+      label.addEventListener("mouseleave", () => {
+        lines.forEach(row => row.forEach(line => line.style.display = ""));
+        labels.forEach(l => l.textContent = "");
+      });
+    });
+  }
+  function drawMatrix(w) {
+    const tw = textWidth(), size = 18;
+    svg.setAttribute("width", tw + n * size + 10);
+    svg.setAttribute("height", tw + n * size + 10);
+    data.tokens.forEach((t, i) => {
+      el("text", {x: tw - 4, y: tw + i * size + 13, "text-anchor": "end"}, t);
+      el("text", {transform: `translate(${tw + i * size + 13},${tw - 4}) rotate(-90)`}, t);
+    });
+    w.forEach((row, q) => data.tokens.forEach((_, k) => {
+      const v = row[k] || 0;  // rows stop at the diagonal: the future gets no weight
+      const cell = el("rect", {x: tw + k * size, y: tw + q * size, width: size - 1, height: size - 1,
+                               fill: "steelblue", "fill-opacity": v, stroke: "#eee"});
+      const tip = document.createElementNS(NS, "title");
+      tip.textContent = `${data.tokens[q]} -> ${data.tokens[k]}: ${v.toFixed(3)}`;
+      cell.appendChild(tip);
+    }));
+  }
+  function draw() {
+    svg.replaceChildren();
+    (modeSel.value === "lines" ? drawLines : drawMatrix)(currentMap());
+  }
+  [layerSel, headSel, modeSel].forEach(s => s.addEventListener("change", draw));
+  draw();
+})();
+"""
+
+_viewer_count = itertools.count()
+
+
+def attention_viewer(maps: AttentionMaps, decimals: int = 3) -> HTML:
+    """An interactive view of `maps` that needs no network: pick a layer and a head,
+    hover a token on the left to see where it looks; or switch to the matrix.
+
+    Plain HTML/SVG with inline JavaScript: it renders in JupyterLab, Colab and
+    VS Code. Like every script output, it runs only in a trusted notebook
+    (the one you just ran); elsewhere it says so.
+    """
+    rounded = maps.weights.double().round(decimals=decimals).tolist()
+    causal = [[[row[:q + 1] for q, row in enumerate(head)] for head in layer] for layer in rounded]
+    data = {"tokens": maps.tokens, "layers": maps.layers, "heads": maps.heads, "weights": causal}
+    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    digest = hashlib.sha1(payload.encode()).hexdigest()[:10]
+    root = f"llama-lab-attention-{digest}-{next(_viewer_count)}"
+    return HTML(
+        f'<div class="llama-lab-attention-viewer" id="{root}">'
+        f"<style>{_VIEWER_CSS.replace('__ROOT__', root)}</style>"
+        '<div data-role="nojs">Attention viewer: run this cell to see it (stored notebooks '
+        "do not run scripts until you trust them).</div>"
+        '<div data-role="controls" style="display:none">'
+        '<select data-role="layer"></select><select data-role="head"></select>'
+        '<select data-role="mode"><option value="lines">lines (hover a token)</option>'
+        '<option value="matrix">matrix</option></select></div>'
+        '<svg xmlns="http://www.w3.org/2000/svg"></svg>'
+        f"<script>{_VIEWER_JS.replace('__ROOT__', root).replace('__DATA__', payload)}</script>"
+        "</div><!-- /llama-lab-attention-viewer -->"
+    )
+
+
+def _bertviz_attention(maps: AttentionMaps, n_heads: int) -> list:
+    """bertviz wants one (1, heads, tokens, tokens) tensor per layer of the model and picks
+    layers and heads by number: put the collected maps where their numbers say."""
+    n = len(maps.tokens)
+    empty = torch.zeros(1, n_heads, n, n, dtype=torch.float64)
+    per_layer = [empty] * (max(maps.layers) + 1)
+    for i, layer in enumerate(maps.layers):
+        full = empty.clone()
+        full[0, maps.heads] = maps.weights[i].double().round(decimals=3)  # 3 decimals keep the page small
+        per_layer[layer] = full
+    return per_layer
+
+
+def bertviz_view(maps: AttentionMaps, view: str = "head", height: int | None = None) -> HTML:
+    """bertviz's `head_view` or `model_view` of `maps`, inside an iframe.
+
+    bertviz loads require.js, d3 and jQuery from a CDN, so it needs the network.
+    The iframe's `srcdoc` runs its scripts in order, which avoids JupyterLab's
+    "require is not defined" race on a first Run All.
+    """
+    from bertviz import head_view, model_view
+
+    n_heads = max(maps.heads) + 1
+    attention = _bertviz_attention(maps, n_heads)
+    if view == "head":
+        heads_only = [a[:, maps.heads] for a in attention]  # head_view has no include_heads
+        page = head_view(heads_only, maps.tokens, include_layers=maps.layers, layer=maps.layers[0],
+                         html_action="return")
+        height = height or 120 + 25 * len(maps.tokens)
+    elif view == "model":
+        page = model_view(attention, maps.tokens, include_layers=maps.layers, include_heads=maps.heads,
+                          html_action="return")
+        n = len(maps.tokens)  # bertviz's layout: a thumbnail row is 84 / n_heads px per token
+        height = height or round(60 + max(len(maps.layers) * (n * 84 / n_heads + 10), n * 18 + 55))
+    else:
+        raise InvalidSettingError(f"view={view!r}: use 'head' or 'model'.")
+    return HTML(f'<div><iframe class="llama-lab-bertviz" srcdoc="{html.escape(page.data, quote=True)}" '
+                f'style="width:100%;height:{height}px;border:0"></iframe></div>')
