@@ -4,10 +4,15 @@ solution and fails a wrong answer."""
 from llama_lab import checks, sizing, solutions
 
 
+def test_verdict_is_truthy_and_silent_in_notebooks():
+    assert checks.Verdict(True) and not checks.Verdict(False)
+    assert checks.Verdict(True)._ipython_display_() is None  # IPython shows nothing for it
+
+
 def test_run_check_verdicts(capsys):
-    assert checks.run_check("sum", [("1+1", lambda: 2, 2)], hint="add") is True
+    assert checks.run_check("sum", [("1+1", lambda: 2, 2)], hint="add")
     assert "✅" in capsys.readouterr().out
-    assert checks.run_check("sum", [("1+1", lambda: 3, 2)], hint="add them") is False
+    assert not checks.run_check("sum", [("1+1", lambda: 3, 2)], hint="add them")
     out = capsys.readouterr().out
     assert "❌" in out and "should be 2" in out and "add them" in out
 
@@ -16,18 +21,18 @@ def test_run_check_survives_the_learners_exceptions(capsys):
     def todo():
         raise NotImplementedError
 
-    assert checks.run_check("t", [("x", todo, 1)], hint="h") is False
+    assert not checks.run_check("t", [("x", todo, 1)], hint="h")
     assert "not answered yet" in capsys.readouterr().out
-    assert checks.run_check("t", [("x", lambda: 1 / 0, 1)], hint="h") is False
+    assert not checks.run_check("t", [("x", lambda: 1 / 0, 1)], hint="h")
     assert "ZeroDivisionError" in capsys.readouterr().out
 
 
 def test_run_check_compares_tensors():
     import torch
 
-    assert checks.run_check("t", [("x", lambda: [1.0, 2.0], torch.tensor([1.0, 2.0]))], hint="") is True
-    assert checks.run_check("t", [("x", lambda: [1.0], torch.tensor([1.0, 2.0]))], hint="") is False
-    assert checks.run_check("t", [("x", lambda: "abc", torch.tensor([1.0]))], hint="") is False
+    assert checks.run_check("t", [("x", lambda: [1.0, 2.0], torch.tensor([1.0, 2.0]))], hint="")
+    assert not checks.run_check("t", [("x", lambda: [1.0], torch.tensor([1.0, 2.0]))], hint="")
+    assert not checks.run_check("t", [("x", lambda: "abc", torch.tensor([1.0]))], hint="")
 
 
 def test_layer_params_solution_adds_up_to_the_model():
