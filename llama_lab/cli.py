@@ -107,7 +107,7 @@ def _token_row() -> str:
 
     present = get_token() is not None  # the value itself is never shown
     return _row(None, "Hugging Face token", "present" if present else
-                "none (needed only for the Llama 2 notebook: huggingface-cli login)")
+                "none (needed only for the Llama 2 models: hf auth login)")
 
 
 def _track_rows(ram: float, vram: float | None, model_ok: bool) -> list[str]:

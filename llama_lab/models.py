@@ -318,8 +318,8 @@ def _access_message(spec: ModelSpec, reason: str) -> str:
         f"Llama 2 is gated. 1) Accept Meta's licence at https://huggingface.co/{spec.hub_id} "
         "with your Hugging Face account (approval takes minutes to hours). "
         "2) Create a read token at https://huggingface.co/settings/tokens and give it to this "
-        "machine: `huggingface-cli login` in a terminal, the HF_TOKEN environment variable, or on "
-        "Colab a secret named HF_TOKEN (the key icon on the left). "
+        "machine: `hf auth login` in a terminal (`huggingface-cli login` with huggingface_hub < 1.0), "
+        "the HF_TOKEN environment variable, or on Colab a secret named HF_TOKEN (the key icon on the left). "
         "Meanwhile every notebook runs with the small model: load_model('smollm2-135m')."
     )
 

@@ -169,7 +169,7 @@ def test_offline_without_cache_explains_licence_and_login(roomy, monkeypatch):
     with pytest.raises(ModelAccessError) as info:
         models.load_model("llama-2-13b-chat", device="cpu")
     text = str(info.value)
-    for needle in ["https://huggingface.co/meta-llama/Llama-2-13b-chat-hf", "huggingface-cli login",
+    for needle in ["https://huggingface.co/meta-llama/Llama-2-13b-chat-hf", "hf auth login",
                    "HF_TOKEN", "Colab", "cannot be reached", "HF_HUB_OFFLINE=1"]:
         assert needle in text
     assert token not in text and info.value.__cause__ is None
