@@ -41,6 +41,7 @@ class Config:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False  # the output layer reuses the token embedding matrix
+    eos_token_id: int | list[int] | None = None  # where generation stops
 
     @classmethod
     def from_hf(cls, hf_config) -> Config:
@@ -64,7 +65,7 @@ class Config:
             n_kv_heads=hf_config.num_key_value_heads,
             head_dim=head_dim, ffn_dim=hf_config.intermediate_size, norm_eps=hf_config.rms_norm_eps,
             rope_theta=rope["rope_theta"], max_seq_len=hf_config.max_position_embeddings,
-            tie_embeddings=hf_config.tie_word_embeddings,
+            tie_embeddings=hf_config.tie_word_embeddings, eos_token_id=hf_config.eos_token_id,
         )
 
 
