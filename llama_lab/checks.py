@@ -323,7 +323,7 @@ def check_greedy_decode(student_fn: Callable) -> Verdict:
 
 # --- notebook 05 ------------------------------------------------------------------------------
 
-def check_loss_mask(student_fn: Callable) -> bool:
+def check_loss_mask(student_fn: Callable) -> Verdict:
     """Exercise (05): `student_fn(input_ids, start, end)` returns the SFT labels."""
     ids = [101, 7, 8, 9, 42, 43, 44, 2, 13]
     cases = [(f"input_ids={ids}, start={s}, end={e}",
@@ -335,7 +335,7 @@ def check_loss_mask(student_fn: Callable) -> bool:
              "token) and put -100 everywhere else: cross_entropy ignores -100.")
 
 
-def check_lora_forward(student_fn: Callable) -> bool:
+def check_lora_forward(student_fn: Callable) -> Verdict:
     """Exercise (05): `student_fn(x, W, A, B, alpha, r)` returns a LoRA layer's output."""
     import torch
 
@@ -353,7 +353,7 @@ def check_lora_forward(student_fn: Callable) -> bool:
              "through A (r, in) then B (out, r) and is multiplied by alpha / r.")
 
 
-def check_dpo_loss(student_fn: Callable) -> bool:
+def check_dpo_loss(student_fn: Callable) -> Verdict:
     """Exercise (05): `student_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)`."""
     import torch
 

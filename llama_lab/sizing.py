@@ -77,7 +77,8 @@ def llama2_config(size: str) -> LlamaConfig:
     )
 
 
-def _meta_model(config: LlamaConfig) -> LlamaForCausalLM:
+def meta_model(config: LlamaConfig) -> LlamaForCausalLM:
+    """The model `config` describes on PyTorch's meta device: every shape, no memory."""
     with torch.device("meta"):
         return LlamaForCausalLM(config)
 
@@ -95,7 +96,7 @@ def _breakdown(config_json: str) -> tuple[tuple[str, int], ...]:
     config = LlamaConfig.from_dict(json.loads(config_json))
     groups = Counter()
     seen = set()
-    for name, p in _meta_model(config).named_parameters(remove_duplicate=False):
+    for name, p in meta_model(config).named_parameters(remove_duplicate=False):
         if id(p) in seen:  # a tied lm_head shares the embedding's tensor
             groups["lm_head"] += 0
             continue
