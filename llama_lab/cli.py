@@ -64,7 +64,7 @@ def _software_rows() -> tuple[list[str], list[str]]:
     return rows, fixes
 
 
-def _machine_rows() -> tuple[list[str], float, float | None, str | None]:
+def _machine_rows() -> tuple[list[str], float, float | None]:
     import torch
 
     from llama_lab.models import available_memory
@@ -72,13 +72,13 @@ def _machine_rows() -> tuple[list[str], float, float | None, str | None]:
     ram = available_memory("cpu")
     rows = [_row(None, "CPU cores", str(os.cpu_count())),
             _row(ram >= SMALL_TRACK_BYTES, "free RAM", f"{ram / 1e9:.1f} GB")]
-    gpu_name = vram = None
+    vram = None
     if torch.cuda.is_available():
-        gpu_name, vram = torch.cuda.get_device_name(0), available_memory("cuda")
-        rows.append(_row(None, "GPU", f"{gpu_name}, {vram / 1e9:.1f} GB free"))
+        vram = available_memory("cuda")
+        rows.append(_row(None, "GPU", f"{torch.cuda.get_device_name(0)}, {vram / 1e9:.1f} GB free"))
     else:
         rows.append(_row(None, "GPU", "none (torch sees no CUDA device)"))
-    return rows, ram, vram, gpu_name
+    return rows, ram, vram
 
 
 def _model_rows() -> tuple[list[str], list[str]]:
@@ -130,7 +130,7 @@ def doctor() -> int:
     soft_rows, fixes = _software_rows()
     print("\n".join(soft_rows))
     print("\nMachine")
-    machine_rows, ram, vram, _ = _machine_rows()
+    machine_rows, ram, vram = _machine_rows()
     print("\n".join(machine_rows))
     print("\nModels")
     model_rows, model_fixes = _model_rows()
