@@ -270,10 +270,7 @@ def test_checkers_pass_the_solutions_and_fail_wrong_answers(capsys):
     assert out.count("✅") == 3 and out.count("❌") == 4
 
 
-def test_checkers_say_not_answered_yet(capsys):
-    def todo(*args):
-        raise NotImplementedError
-
-    assert not any(check(todo) for check in (checks.check_loss_mask, checks.check_lora_forward,
-                                             checks.check_dpo_loss))
+def test_checkers_say_not_answered_yet(capsys, not_answered):
+    assert not any(check(not_answered) for check in (checks.check_loss_mask, checks.check_lora_forward,
+                                                     checks.check_dpo_loss))
     assert capsys.readouterr().out.count("⏳") == 3

@@ -231,11 +231,8 @@ def test_token_explorer_follows_the_text_and_the_choice(bpe, sp):
 
 # --- exercises ---------------------------------------------------------------------------------------
 
-def not_answered(*args):
-    raise NotImplementedError
 
-
-def test_check_count_pairs():
+def test_check_count_pairs(not_answered):
     assert checks.check_count_pairs(solutions.count_pairs)
     assert checks.check_count_pairs(tokenization.get_stats)
     assert not checks.check_count_pairs(lambda ids: dict(Counter(zip(ids[::2], ids[1::2], strict=False))))
@@ -243,7 +240,7 @@ def test_check_count_pairs():
     assert not checks.check_count_pairs(not_answered)
 
 
-def test_check_apply_merge():
+def test_check_apply_merge(not_answered):
     assert checks.check_apply_merge(solutions.apply_merge)
     assert checks.check_apply_merge(tokenization.merge)
 
@@ -255,7 +252,7 @@ def test_check_apply_merge():
     assert not checks.check_apply_merge(not_answered)
 
 
-def test_check_chat_prompt_tokens(capsys):
+def test_check_chat_prompt_tokens(capsys, not_answered):
     assert checks.check_chat_prompt_tokens(solutions.chat_prompt_tokens)
 
     def double_bos(tokenizer, messages):
