@@ -210,12 +210,6 @@ def kv_head_map(config) -> list[int]:
     return repeat_kv(kv_index, config.num_attention_heads // n_kv)[0, :, 0, 0].tolist()
 
 
-def rope_theta(config) -> float:
-    """The RoPE base of a config (transformers 5 keeps it in `rope_parameters`)."""
-    parameters = getattr(config, "rope_parameters", None) or {}
-    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
 def rope(x: torch.Tensor, positions, theta: float = 10000.0) -> torch.Tensor:
     """Rotate vectors `x` (n, head_dim) to `positions` (n,) with transformers' Llama RoPE."""
     head_dim = x.shape[-1]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama_lab import sizing
 from llama_lab.errors import ContextLengthError, InvalidSettingError
 
 
@@ -46,7 +47,7 @@ class Config:
     @classmethod
     def from_hf(cls, hf_config) -> Config:
         """Read a transformers `LlamaConfig`; refuse the variants this file does not implement."""
-        rope = getattr(hf_config, "rope_parameters", None) or {"rope_theta": hf_config.rope_theta}
+        rope = getattr(hf_config, "rope_parameters", None) or {}
         unsupported = {
             "rope scaling": rope.get("rope_type", "default") != "default",
             "attention biases": getattr(hf_config, "attention_bias", False),
@@ -57,14 +58,12 @@ class Config:
             raise InvalidSettingError(
                 f"from_hf supports plain Llama 2 style models; this config uses "
                 f"{', '.join(k for k, v in unsupported.items() if v)}. Use the transformers model itself.")
-        n_heads = hf_config.num_attention_heads
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
         return cls(
             vocab_size=hf_config.vocab_size, dim=hf_config.hidden_size,
-            n_layers=hf_config.num_hidden_layers, n_heads=n_heads,
-            n_kv_heads=hf_config.num_key_value_heads,
-            head_dim=head_dim, ffn_dim=hf_config.intermediate_size, norm_eps=hf_config.rms_norm_eps,
-            rope_theta=rope["rope_theta"], max_seq_len=hf_config.max_position_embeddings,
+            n_layers=hf_config.num_hidden_layers, n_heads=hf_config.num_attention_heads,
+            n_kv_heads=hf_config.num_key_value_heads, head_dim=sizing.head_dim(hf_config),
+            ffn_dim=hf_config.intermediate_size, norm_eps=hf_config.rms_norm_eps,
+            rope_theta=sizing.rope_theta(hf_config), max_seq_len=hf_config.max_position_embeddings,
             tie_embeddings=hf_config.tie_word_embeddings, eos_token_id=hf_config.eos_token_id,
         )
 

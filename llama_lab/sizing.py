@@ -63,6 +63,21 @@ def dtype_name(dtype: str | torch.dtype) -> str:
     return name
 
 
+def head_dim(config: LlamaConfig) -> int:
+    """Width of one attention head: the config's `head_dim`, else hidden size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rope_theta(config: LlamaConfig) -> float:
+    """The RoPE base of a config (transformers 5 keeps it in `rope_parameters`).
+
+    >>> rope_theta(llama2_config("13b"))
+    10000.0
+    """
+    parameters = getattr(config, "rope_parameters", None) or {}
+    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
 def llama2_config(size: str) -> LlamaConfig:
     """The official `LlamaConfig` of Llama 2 "7b", "13b" or "70b"."""
     key = size.lower().removeprefix("llama-2-")
@@ -145,8 +160,7 @@ def kv_cache_bytes_per_token(config: LlamaConfig, dtype: str | torch.dtype = "bf
     >>> kv_cache_bytes_per_token(llama2_config("70b"), "bf16")  # GQA: 8 KV heads
     327680
     """
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    n = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    n = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config)
     return int(n * BYTES_PER_PARAM[_kv_dtype(dtype)])
 
 

@@ -13,7 +13,7 @@ from nbval.plugin import get_sanitize_patterns
 from transformers import LlamaConfig
 
 import llama_lab as lab
-from llama_lab import attention, checks, solutions
+from llama_lab import attention, checks, sizing, solutions
 from llama_lab.errors import InvalidSettingError, LlamaLabError
 
 TEXT = "Attention, please!"
@@ -146,7 +146,7 @@ def test_rope_matches_the_model(tiny, ids):
     q, _ = attention.queries_keys(model, ids, 0)
     hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
     raw = model.model.layers[0].self_attn.q_proj(hidden)[0].view(ids.shape[1], 4, 16).transpose(0, 1)
-    positions, theta = torch.arange(ids.shape[1]), attention.rope_theta(model.config)
+    positions, theta = torch.arange(ids.shape[1]), sizing.rope_theta(model.config)
     for head in range(4):
         torch.testing.assert_close(attention.rope(raw[head].detach(), positions, theta), q[head])
 
