@@ -4,18 +4,20 @@ Decoding one token reads every weight once, so on a CPU the speed limit is
 memory bandwidth / bytes read per token (`llama_lab.sizing.decode_roofline`).
 This script measures, in one run and on one machine:
 
-1. the read bandwidth: `tensor.sum()` over a tensor as large as the bytes one
-   decode step reads, repeated once per new token, so that it takes as long as a
-   decode run and meets the same disturbances;
+1. the read bandwidth: `tensor.sum()` over a random tensor as large as the bytes
+   one decode step reads, repeated once per new token, so that it takes as long
+   as a decode run and meets the same disturbances;
 2. transformers' `model.generate`, llama-lab's `sampling.generate` on the same
    transformers model, and on the from-scratch model of `llama_lab.scratch`
-   (greedy: all must produce the same tokens), as loaded and after
-   `sampling.decode_layout` (weights stored transposed for faster matrix-vector products);
+   (greedy: all must produce the same tokens), eager and after
+   `sampling.compile_decode`;
 3. the from-scratch model with and without its KV cache.
 
-Runs go in rounds (each measurement once per round), so that other programs
-on a shared machine slow them alike; the best round of each counts. It prints
-tokens/s, the ratio to transformers and the fraction of the roofline.
+Each generate runs twice per round: for n new tokens and for one. The first
+gives tokens/s as a user sees them (prompt included); the difference gives the
+speed of the n - 1 decode steps alone, which is what the roofline bounds.
+Runs go in rounds (each measurement once per round), so that other programs on
+a shared machine slow them alike; the best round of each counts.
 
     python benchmarks/decode.py [--new-tokens 64] [--repeats 5] [--threads N] [--kv-tokens 128]
 """
@@ -38,19 +40,9 @@ from llama_lab import sampling, scratch, sizing  # noqa: E402
 PROMPT = "The history of the printing press begins"
 
 
-def read_bandwidth_gb_s(n_bytes: int, times: int = 1) -> tuple[float, float]:
-    """Sum a float32 tensor of `n_bytes`, `times` times over: (GB/s, seconds taken)."""
-    x = torch.ones(n_bytes // 4)
+def timed(fn: Callable[..., object], *args: object) -> float:
     start = time.perf_counter()
-    for _ in range(times):
-        x.sum()
-    seconds = time.perf_counter() - start
-    return n_bytes * times / seconds / 1e9, seconds
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
 
 
@@ -81,48 +73,55 @@ def main() -> None:
 
     model, tokenizer = lab.load_model("smollm2-135m", device="cpu")
     mine = scratch.from_hf(model)
-    fast = sampling.decode_layout(scratch.from_hf(model))  # its own copy of the weights, transposed
+    fast = sampling.compile_decode(scratch.from_hf(model))  # shares the weights
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     n, eos = args.new_tokens, tokenizer.eos_token_id
     runs = {
-        "transformers generate": lambda: model.generate(ids, max_new_tokens=n, do_sample=False),
-        "llama-lab generate, HF model": lambda: sampling.generate(model, ids, n),
-        "llama-lab generate, scratch model": lambda: sampling.generate(mine, ids, n, eos_token_id=eos),
-        "  same, after decode_layout": lambda: sampling.generate(fast, ids, n, eos_token_id=eos),
+        "transformers generate": lambda k: model.generate(ids, max_new_tokens=k, do_sample=False),
+        "llama-lab generate, HF model": lambda k: sampling.generate(model, ids, k),
+        "llama-lab generate, scratch model": lambda k: sampling.generate(mine, ids, k, eos_token_id=eos),
+        "  same, after compile_decode": lambda k: sampling.generate(fast, ids, k, eos_token_id=eos),
     }
-    outputs = {name: run() for name, run in runs.items()}  # also the warm-up
+    compile_seconds = timed(runs["  same, after compile_decode"], 2)  # its first decode step compiles
+    outputs = {name: run(n) for name, run in runs.items()}  # also the warm-up
     reference = outputs["transformers generate"]
     assert reference.shape[1] == ids.shape[1] + n, "the prompt's continuation ended early: pick another"
     for name, out in outputs.items():  # same tokens, or the speed comparison means nothing
         assert torch.equal(out, reference), f"{name} decoded other tokens than transformers"
 
-    # The roofline run: read the bytes of one decode step, n times, as fast as torch can.
+    # The roofline run: read the bytes of one decode step, n - 1 times, as fast as torch can.
     bytes_per_token = sizing.bytes_read_per_token(model.config, "fp32", context_len=ids.shape[1] + n // 2)
-    probe = lambda: read_bandwidth_gb_s(bytes_per_token, n)[1]
+    weights_sized = torch.randn(bytes_per_token // 4)
+    probe = lambda: [weights_sized.sum() for _ in range(n - 1)]
     # Rounds of every run in turn, so the other programs on the machine slow them all alike.
-    seconds = {name: [] for name in ["roofline (read the weights n times)", *runs]}
+    full = {name: [] for name in runs}
+    one = {name: [] for name in runs}
+    probes = []
     for _ in range(args.repeats):
-        seconds["roofline (read the weights n times)"].append(probe())
+        probes.append(timed(probe))
         for name, run in runs.items():
-            seconds[name].append(timed(run))
-    best = {name: min(times) for name, times in seconds.items()}
-    bandwidth = bytes_per_token * n / best.pop("roofline (read the weights n times)") / 1e9
+            full[name].append(timed(run, n))
+            one[name].append(timed(run, 1))
+    bandwidth = bytes_per_token * (n - 1) / min(probes) / 1e9
     roofline = bandwidth * 1e9 / bytes_per_token
-    print(f"read bandwidth {bandwidth:.1f} GB/s (sum of a {bytes_per_token / 1e6:.0f} MB tensor, "
-          f"{n} times); {bytes_per_token / 1e6:.0f} MB read per token -> roofline {roofline:.1f} tokens/s")
-    print(f"greedy, prompt {ids.shape[1]} tokens + {n} new, best of {args.repeats} rounds "
-          "(time includes the prompt)")
-    base = n / best["transformers generate"]
-    print(f"{'':36}{'tokens/s':>10}{'vs transformers':>17}{'of roofline':>13}")
-    for name, secs in best.items():
-        speed = n / secs
-        print(f"{name:36}{speed:10.1f}{speed / base:16.2f}x{speed / roofline:12.0%}")
+    mb = bytes_per_token / 1e6
+    print(f"read bandwidth {bandwidth:.1f} GB/s (sum of a {mb:.0f} MB tensor, {n - 1} times); "
+          f"{mb:.0f} MB read per token -> roofline {roofline:.1f} tokens/s")
+    print(f"compile_decode: its first generate took {compile_seconds:.0f} s (compilation)")
+    print(f"greedy, prompt {ids.shape[1]} tokens + {n} new, best of {args.repeats} rounds")
+    base = n / min(full["transformers generate"])
+    print(f"{'':36}{'generate':>10}{'vs':>14}{'decode steps':>14}{'of':>10}")
+    print(f"{'':36}{'tokens/s':>10}{'transformers':>14}{'tokens/s':>14}{'roofline':>10}")
+    for name in runs:
+        speed = n / min(full[name])
+        steps = (n - 1) / (min(full[name]) - min(one[name]))
+        print(f"{name:36}{speed:10.1f}{speed / base:13.2f}x{steps:14.1f}{steps / roofline:10.0%}")
 
     if args.kv_tokens:
         k = args.kv_tokens
-        without = timed(lambda: sampling.generate(fast, ids, k, eos_token_id=[], use_cache=False))
-        with_cache = min(timed(lambda: sampling.generate(fast, ids, k, eos_token_id=[])) for _ in range(3))
-        print(f"KV cache, scratch model, {k} new tokens (best of 3 runs with, 1 without): "
+        without = timed(lambda: sampling.generate(mine, ids, k, eos_token_id=[], use_cache=False))
+        with_cache = min(timed(lambda: sampling.generate(mine, ids, k, eos_token_id=[])) for _ in range(3))
+        print(f"KV cache, scratch model (eager), {k} new tokens (best of 3 runs with, 1 without): "
               f"{k / with_cache:.1f} tokens/s with, "
               f"{k / without:.1f} without: {without / with_cache:.1f}x faster")
     print(f"load average after the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")

@@ -54,6 +54,10 @@ class AttentionNotAvailableError(LlamaLabError, ValueError):
     """The model computes attention with a kernel that returns no attention weights."""
 
 
+class CompilerNotFoundError(LlamaLabError, RuntimeError):
+    """torch.compile was asked for, and this machine has no C++ compiler for it."""
+
+
 class ContextLengthError(LlamaLabError, ValueError):
     """A prompt longer than the model's context window."""
 

@@ -11,7 +11,7 @@ from transformers import TextIteratorStreamer
 from transformers.generation import logits_process as hf
 
 from llama_lab import checks, playground, sampling, scratch, solutions
-from llama_lab.errors import ContextLengthError, InvalidSettingError
+from llama_lab.errors import CompilerNotFoundError, ContextLengthError, InvalidSettingError
 from llama_lab.models import load_model
 
 INF = float("inf")
@@ -297,15 +297,50 @@ def test_checkers_pass_the_solution_and_fail_wrong_answers(check, solution, wron
     assert "not answered yet" in capsys.readouterr().out
 
 
-def test_decode_layout_keeps_shapes_and_results_and_leaves_the_source_model_alone():
+# --- compile_decode ------------------------------------------------------------------------------
+
+def test_matvec_linear_is_the_linear_it_replaces_eager_and_compiled():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 40)
+    fast = sampling.MatVecLinear.from_linear(linear)
+    assert fast.weight is linear.weight and fast.bias is linear.bias
+    compiled = torch.compile(fast, dynamic=False)
+    for tokens in (1, 3):  # one token: the multiply-then-sum loop; more: F.linear
+        x = torch.randn(2, tokens, 48)
+        assert torch.equal(fast(x), linear(x))
+        torch.testing.assert_close(compiled(x), linear(x))
+
+
+def test_compile_decode_gives_the_same_tokens_with_one_compilation_for_every_position():
     model, tok = tiny()
-    mine = scratch.from_hf(model)
     ids = tok("Hello", return_tensors="pt").input_ids
-    expected = sampling.generate(mine, ids, 20, eos_token_id=[])
-    fast = sampling.decode_layout(scratch.from_hf(model))
-    names = ("wq.weight", "w2.weight", "output.weight")
-    linear = [p for n, p in fast.named_parameters() if n.endswith(names)]
-    assert len(linear) == 9 and all(p.T.is_contiguous() for p in linear)
-    assert all(p.is_contiguous() for p in model.parameters())  # the transformers model is unchanged
-    assert torch.equal(sampling.generate(fast, ids, 20, eos_token_id=[]), expected)
-    torch.testing.assert_close(fast(ids), mine(ids))
+    longer = tok("Hello there, how are you", return_tensors="pt").input_ids
+    eager = scratch.from_hf(model)
+    expected = [sampling.generate(eager, prompt, 20, eos_token_id=[]) for prompt in (ids, longer)]
+    fast = sampling.compile_decode(scratch.from_hf(model))
+    assert fast.output.weight is model.lm_head.weight  # shared, not copied
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch.equal(sampling.generate(fast, ids, 20, eos_token_id=[]), expected[0])
+    assert torch.equal(sampling.generate(fast, longer, 20, eos_token_id=[]), expected[1])
+    logits = []
+    for m in (fast, eager):  # called directly, outside inference mode: still no new compilation
+        with torch.no_grad():
+            cache = m.new_cache(1, 8)
+            m(ids, cache)
+            logits.append(m(ids[:, -1:], cache))
+    torch.testing.assert_close(*logits)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+
+
+def test_compile_decode_refuses_a_transformers_model():
+    model, _ = tiny()
+    with pytest.raises(InvalidSettingError, match="scratch.from_hf"):
+        sampling.compile_decode(model)
+
+
+def test_compile_decode_without_a_compiler_says_how_to_get_one(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(sampling.shutil, "which", lambda name: None)
+    with pytest.raises(CompilerNotFoundError, match="apt install g"):
+        sampling.compile_decode(scratch.from_hf(tiny()[0]))
+
