@@ -5,8 +5,9 @@ memory bandwidth / bytes read per token (`llama_lab.sizing.decode_roofline`).
 This script measures, in one run and on one machine:
 
 1. the read bandwidth: `tensor.sum()` over a random tensor as large as the bytes
-   one decode step reads, repeated once per new token, so that it takes as long
-   as a decode run and meets the same disturbances;
+   one decode step reads, repeated once per decode step, so that it takes as long
+   as a decode run; it is read again right before each decode run, because a
+   shared machine's bandwidth drifts;
 2. transformers' `model.generate`, llama-lab's `sampling.generate` on the same
    transformers model, and on the from-scratch model of `llama_lab.scratch`
    (greedy: all must produce the same tokens), eager and after
@@ -17,7 +18,9 @@ Each generate runs twice per round: for n new tokens and for one. The first
 gives tokens/s as a user sees them (prompt included); the difference gives the
 speed of the n - 1 decode steps alone, which is what the roofline bounds.
 Runs go in rounds (each measurement once per round), so that other programs on
-a shared machine slow them alike; the best round of each counts.
+a shared machine slow them alike; the best round of each counts. The fraction
+of the roofline comes twice: best decode against best bandwidth, and the median
+of each run against the bandwidth read just before it.
 
     python benchmarks/decode.py [--new-tokens 64] [--repeats 5] [--threads N] [--kv-tokens 128]
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 
@@ -89,33 +93,39 @@ def main() -> None:
     for name, out in outputs.items():  # same tokens, or the speed comparison means nothing
         assert torch.equal(out, reference), f"{name} decoded other tokens than transformers"
 
-    # The roofline run: read the bytes of one decode step, n - 1 times, as fast as torch can.
+    # The roofline: read the bytes of one decode step, n - 1 times, as fast as torch can. The
+    # machine's bandwidth drifts (other machines share the host's memory), so it is read again
+    # right before each decode run: each run also has a roofline of its own moment.
     bytes_per_token = sizing.bytes_read_per_token(model.config, "fp32", context_len=ids.shape[1] + n // 2)
     weights_sized = torch.randn(bytes_per_token // 4)
     probe = lambda: [weights_sized.sum() for _ in range(n - 1)]
     # Rounds of every run in turn, so the other programs on the machine slow them all alike.
-    full = {name: [] for name in runs}
-    one = {name: [] for name in runs}
+    full, one, paired = ({name: [] for name in runs} for _ in range(3))
     probes = []
     for _ in range(args.repeats):
-        probes.append(timed(probe))
         for name, run in runs.items():
+            probes.append(timed(probe))
             full[name].append(timed(run, n))
             one[name].append(timed(run, 1))
+            paired[name].append(probes[-1] / (full[name][-1] - one[name][-1]))
     bandwidth = bytes_per_token * (n - 1) / min(probes) / 1e9
     roofline = bandwidth * 1e9 / bytes_per_token
     mb = bytes_per_token / 1e6
-    print(f"read bandwidth {bandwidth:.1f} GB/s (sum of a {mb:.0f} MB tensor, {n - 1} times); "
+    print(f"read bandwidth {bandwidth:.1f} GB/s at best (sum of a {mb:.0f} MB tensor, {n - 1} times, "
+          f"{len(probes)} tries: {bytes_per_token * (n - 1) / max(probes) / 1e9:.1f} at worst); "
           f"{mb:.0f} MB read per token -> roofline {roofline:.1f} tokens/s")
     print(f"compile_decode: its first generate took {compile_seconds:.0f} s (compilation)")
-    print(f"greedy, prompt {ids.shape[1]} tokens + {n} new, best of {args.repeats} rounds")
+    print(f"greedy, prompt {ids.shape[1]} tokens + {n} new, best of {args.repeats} rounds; of roofline: "
+          "best decode / best roofline, and the median over rounds of each decode run / the roofline "
+          "read just before it")
     base = n / min(full["transformers generate"])
-    print(f"{'':36}{'generate':>10}{'vs':>14}{'decode steps':>14}{'of':>10}")
-    print(f"{'':36}{'tokens/s':>10}{'transformers':>14}{'tokens/s':>14}{'roofline':>10}")
+    print(f"{'':36}{'generate':>10}{'vs':>14}{'decode steps':>14}{'of roofline':>13}{'of roofline':>13}")
+    print(f"{'':36}{'tokens/s':>10}{'transformers':>14}{'tokens/s':>14}{'best':>13}{'same moment':>13}")
     for name in runs:
         speed = n / min(full[name])
         steps = (n - 1) / (min(full[name]) - min(one[name]))
-        print(f"{name:36}{speed:10.1f}{speed / base:13.2f}x{steps:14.1f}{steps / roofline:10.0%}")
+        print(f"{name:36}{speed:10.1f}{speed / base:13.2f}x{steps:14.1f}{steps / roofline:13.0%}"
+              f"{statistics.median(paired[name]):13.0%}")
 
     if args.kv_tokens:
         k = args.kv_tokens

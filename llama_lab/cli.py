@@ -78,7 +78,18 @@ def _machine_rows() -> tuple[list[str], float, float | None]:
         rows.append(_row(None, "GPU", f"{torch.cuda.get_device_name(0)}, {vram / 1e9:.1f} GB free"))
     else:
         rows.append(_row(None, "GPU", "none (torch sees no CUDA device)"))
-    return rows, ram, vram
+    return rows + [_compiler_row()], ram, vram
+
+
+def _compiler_row() -> str:
+    from llama_lab.errors import CompilerNotFoundError
+    from llama_lab.sampling import require_cpp_compiler
+
+    try:
+        text, ok = f"{require_cpp_compiler()}  (torch.compile: notebook 04, sampling.compile_decode)", True
+    except CompilerNotFoundError:
+        text, ok = "none: notebook 04's compiled product fails (apt install g++)", False
+    return _row(ok, "C++ compiler", text, ("ok", "none"))
 
 
 def _model_rows() -> tuple[list[str], list[str]]:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from llama_lab import cli, models
+from llama_lab import cli, models, sampling
 
 
 def run_cli(*args, env=None):
@@ -23,7 +23,7 @@ def test_doctor_passes_here_fast_and_hides_the_token():
     assert time.perf_counter() - start < 15
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    for needle in ["Python", "torch", "transformers", "CPU cores", "free RAM", "GPU",
+    for needle in ["Python", "torch", "transformers", "CPU cores", "free RAM", "GPU", "C++ compiler",
                    "model smollm2-135m", "Hugging Face token", "present", "small model on CPU",
                    "13B in 4-bit", "Ready"]:
         assert needle in out, needle
@@ -52,6 +52,14 @@ def test_doctor_reports_an_outdated_package(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_version", lambda p: "4.0.0" if p == "transformers" else real(p))
     assert cli.main(["doctor"]) == 1
     assert "pip install 'transformers>=" in capsys.readouterr().out
+
+
+def test_doctor_says_when_there_is_no_cpp_compiler_and_stays_ready(monkeypatch, capsys):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(sampling.shutil, "which", lambda name: None)
+    assert cli.main(["doctor"]) == 0  # only notebook 04's compiled product needs one
+    out = capsys.readouterr().out
+    assert "[none] C++ compiler" in out and "apt install g++" in out
 
 
 def test_lab_opens_jupyterlab_on_the_notebooks(monkeypatch):

@@ -343,4 +343,9 @@ def test_compile_decode_without_a_compiler_says_how_to_get_one(monkeypatch):
     monkeypatch.setattr(sampling.shutil, "which", lambda name: None)
     with pytest.raises(CompilerNotFoundError, match="apt install g"):
         sampling.compile_decode(scratch.from_hf(tiny()[0]))
+    monkeypatch.setenv("CXX", "/opt/my-g++")
+    assert sampling.require_cpp_compiler() == "/opt/my-g++"
+    monkeypatch.setattr(sampling.sysconfig, "get_paths", lambda: {"include": "/nowhere"})
+    with pytest.raises(CompilerNotFoundError, match="python3-dev"):
+        sampling.require_cpp_compiler()
 
