@@ -88,7 +88,7 @@ def _compiler_row() -> str:
     try:
         text, ok = f"{require_cpp_compiler()}  (torch.compile: notebook 04, sampling.compile_decode)", True
     except CompilerNotFoundError:
-        text, ok = "none: notebook 04's compiled product fails (apt install g++)", False
+        text, ok = "missing: notebook 04's compiled product needs it (apt install g++ python3-dev)", False
     return _row(ok, "C++ compiler", text, ("ok", "none"))
 
 

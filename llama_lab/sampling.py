@@ -323,7 +323,7 @@ def require_cpp_compiler() -> str:
     if not headers.exists():
         raise CompilerNotFoundError(f"torch.compile builds its kernels against Python's C headers, and "
                                     f"{headers} is missing. Install them (Debian/Ubuntu: apt install "
-                                    f"python3-dev, for the system's Python).")
+                                    "python3-dev, for the system's Python).")
     return compiler
 
 
