@@ -42,19 +42,16 @@ def test_layer_params_solution_adds_up_to_the_model():
         assert c.num_hidden_layers * solutions.layer_params(c) + rest == sizing.count_parameters(c)
 
 
-def test_check_layer_params():
-    assert checks.check_layer_params(solutions.layer_params)
-
+def test_check_layer_params(verdicts):
     def no_gqa(c):  # ignores num_key_value_heads: right for 13B, wrong for 70B
         d = c.hidden_size
         return 4 * d * d + 3 * d * c.intermediate_size + 2 * d
 
-    assert not checks.check_layer_params(no_gqa)
-    assert not checks.check_layer_params(lambda c: 4 * c.hidden_size ** 2)
+    verdicts(checks.check_layer_params, solutions.layer_params, no_gqa, lambda c: 4 * c.hidden_size ** 2)
 
 
-def test_check_kv_cache_gb():
-    assert checks.check_kv_cache_gb(solutions.kv_cache_gb)
+def test_check_kv_cache_gb(verdicts):
     c = sizing.llama2_config("13b")
     assert solutions.kv_cache_gb(c, 1000) * 1e9 == sizing.kv_cache_bytes_per_token(c, "bf16") * 1000
-    assert not checks.check_kv_cache_gb(lambda c, n: solutions.kv_cache_gb(c, n) / 2)  # forgot the V
+    verdicts(checks.check_kv_cache_gb, solutions.kv_cache_gb,
+             lambda c, n: solutions.kv_cache_gb(c, n) / 2)  # forgot the V

@@ -257,20 +257,14 @@ def test_shipped_accelerate_configs_load():
 
 # --- exercises ----------------------------------------------------------------------------------
 
-def test_checkers_pass_the_solutions_and_fail_wrong_answers(capsys):
-    assert checks.check_loss_mask(solutions.loss_mask_labels)
-    assert not checks.check_loss_mask(lambda ids, start, end: list(ids))  # nothing masked
-    assert not checks.check_loss_mask(lambda ids, start, end: [-100] * start + list(ids[start:]))
-    assert checks.check_lora_forward(solutions.lora_forward)
-    assert not checks.check_lora_forward(lambda x, W, A, B, alpha, r: x @ W.T + x @ A.T @ B.T)  # no scale
-    assert checks.check_dpo_loss(solutions.dpo_loss)
-    assert not checks.check_dpo_loss(lambda pc, pr, rc, rr, beta: -torch.nn.functional.logsigmoid(
-        beta * (pc - pr)).mean())  # forgot the reference
-    out = capsys.readouterr().out
-    assert out.count("✅") == 3 and out.count("❌") == 4
-
-
-def test_checkers_say_not_answered_yet(capsys, not_answered):
-    assert not any(check(not_answered) for check in (checks.check_loss_mask, checks.check_lora_forward,
-                                                     checks.check_dpo_loss))
-    assert capsys.readouterr().out.count("⏳") == 3
+@pytest.mark.parametrize("check, solution, wrong_answers", [
+    (checks.check_loss_mask, solutions.loss_mask_labels,
+     [lambda ids, start, end: list(ids),  # nothing masked
+      lambda ids, start, end: [-100] * start + list(ids[start:])]),
+    (checks.check_lora_forward, solutions.lora_forward,
+     [lambda x, W, A, B, alpha, r: x @ W.T + x @ A.T @ B.T]),  # no scale
+    (checks.check_dpo_loss, solutions.dpo_loss,
+     [lambda pc, pr, rc, rr, beta: -torch.nn.functional.logsigmoid(beta * (pc - pr)).mean()]),  # no reference
+], ids=["loss_mask", "lora_forward", "dpo_loss"])
+def test_checkers_pass_the_solutions_and_fail_wrong_answers(check, solution, wrong_answers, verdicts):
+    verdicts(check, solution, *wrong_answers)

@@ -261,10 +261,5 @@ def test_causal_mask_solution_is_what_positions_allow():
     (checks.check_causal_mask_after_cache, solutions.causal_mask_after_cache,
      lambda n_new, n_cached: torch.ones(n_new, n_cached + n_new, dtype=torch.bool).tril()),
 ])
-def test_checkers(check, solution, wrong, capsys, not_answered):
-    assert check(solution)
-    assert "✅" in capsys.readouterr().out
-    assert not check(wrong)
-    assert "❌" in capsys.readouterr().out
-    assert not check(not_answered)
-    assert "⏳" in capsys.readouterr().out
+def test_checkers(check, solution, wrong, verdicts):
+    verdicts(check, solution, wrong)
