@@ -44,28 +44,21 @@ def same(ours: torch.Tensor, theirs: torch.Tensor) -> None:
     assert torch.equal(ours, theirs), (ours, theirs)
 
 
+# Each filter, the transformers warper it must equal, and the settings to try.
+FILTERS = {
+    "temperature": (sampling.temperature, hf.TemperatureLogitsWarper, st.floats(0.05, 5)),
+    "top_k": (sampling.top_k, hf.TopKLogitsWarper, st.integers(1, 15)),
+    "top_p": (sampling.top_p, hf.TopPLogitsWarper, st.floats(0, 1)),
+    "min_p": (sampling.min_p, hf.MinPLogitsWarper, st.floats(0, 1)),
+}
+
+
+@pytest.mark.parametrize("ours, warper, settings_to_try", FILTERS.values(), ids=FILTERS)
 @settings(max_examples=200, deadline=None)
-@given(logits_batches(), st.floats(0.05, 5))
-def test_temperature_equals_transformers(logits, t):
-    same(sampling.temperature(logits, t), hf.TemperatureLogitsWarper(t)(None, logits))
-
-
-@settings(max_examples=200, deadline=None)
-@given(logits_batches(), st.integers(1, 15))
-def test_top_k_equals_transformers(logits, k):
-    same(sampling.top_k(logits, k), hf.TopKLogitsWarper(k)(None, logits))
-
-
-@settings(max_examples=200, deadline=None)
-@given(logits_batches(), st.floats(0, 1))
-def test_top_p_equals_transformers(logits, p):
-    same(sampling.top_p(logits, p), hf.TopPLogitsWarper(p)(None, logits))
-
-
-@settings(max_examples=200, deadline=None)
-@given(logits_batches(), st.floats(0, 1))
-def test_min_p_equals_transformers(logits, p):
-    same(sampling.min_p(logits, p), hf.MinPLogitsWarper(p)(None, logits))
+@given(logits=logits_batches(), data=st.data())
+def test_filter_equals_transformers(ours, warper, settings_to_try, logits, data):
+    value = data.draw(settings_to_try, label="setting")
+    same(ours(logits, value), warper(value)(None, logits))
 
 
 @settings(max_examples=200, deadline=None)
