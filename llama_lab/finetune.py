@@ -402,12 +402,17 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
     loader = data_loader(examples, args.batch_size, lambda b: collate(b, tokenizer.pad_token_id), args.seed)
     accelerator.print(f"{accelerator.num_processes} process(es), {len(examples)} examples, "
                       f"{trainable_parameters(model):,} trainable parameters")
-    history = train(model, loader, steps=args.steps, lr=args.lr, accelerator=accelerator)
-    accelerator.print(f"loss: first {history[0]:.4f}, last {history[-1]:.4f}")
-    if args.output:
-        state = {k: v for k, v in accelerator.get_state_dict(model).items() if "lora_" in k}
-        accelerator.save(state, args.output)
-        accelerator.print(f"saved {len(state)} LoRA tensors to {args.output}")
+    try:
+        history = train(model, loader, steps=args.steps, lr=args.lr, accelerator=accelerator)
+        accelerator.print(f"loss: first {history[0]:.4f}, last {history[-1]:.4f}")
+        if args.output:
+            state = {k: v for k, v in accelerator.get_state_dict(model).items() if "lora_" in k}
+            accelerator.save(state, args.output)
+            accelerator.print(f"saved {len(state)} LoRA tensors to {args.output}")
+    finally:
+        # Leave the process group on purpose: a process that exits with gloo's threads still
+        # running aborts with "terminate called without an active exception".
+        accelerator.end_training()
     return history
 
 
