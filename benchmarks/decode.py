@@ -6,7 +6,7 @@ This script measures, in one run and on one machine:
 
 1. the read bandwidth: `tensor.sum()` over a random tensor as large as the bytes
    one decode step reads, repeated once per decode step, so that it takes as long
-   as a decode run; it is read again right before each decode run, because a
+   as a decode run; it is read again between every two decode runs, because a
    shared machine's bandwidth drifts;
 2. transformers' `model.generate`, llama-lab's `sampling.generate` on the same
    transformers model, and on the from-scratch model of `llama_lab.scratch`
@@ -20,7 +20,7 @@ speed of the n - 1 decode steps alone, which is what the roofline bounds.
 Runs go in rounds (each measurement once per round), so that other programs on
 a shared machine slow them alike; the best round of each counts. The fraction
 of the roofline comes twice: best decode against best bandwidth, and the median
-of each run against the bandwidth read just before it.
+of each run against the higher of the bandwidths read just before and after it.
 
     python benchmarks/decode.py [--new-tokens 64] [--repeats 5] [--threads N] [--kv-tokens 128]
 """
@@ -94,20 +94,21 @@ def main() -> None:
         assert torch.equal(out, reference), f"{name} decoded other tokens than transformers"
 
     # The roofline: read the bytes of one decode step, n - 1 times, as fast as torch can. The
-    # machine's bandwidth drifts (other machines share the host's memory), so it is read again
-    # right before each decode run: each run also has a roofline of its own moment.
+    # machine's bandwidth drifts (other machines share the host's memory), so it is read between
+    # every two decode runs: each run also has a roofline of its own moment, the faster of the
+    # readings just before and just after it.
     bytes_per_token = sizing.bytes_read_per_token(model.config, "fp32", context_len=ids.shape[1] + n // 2)
     weights_sized = torch.randn(bytes_per_token // 4)
     probe = lambda: [weights_sized.sum() for _ in range(n - 1)]
     # Rounds of every run in turn, so the other programs on the machine slow them all alike.
     full, one, paired = ({name: [] for name in runs} for _ in range(3))
-    probes = []
+    probes = [timed(probe)]
     for _ in range(args.repeats):
         for name, run in runs.items():
-            probes.append(timed(probe))
             full[name].append(timed(run, n))
             one[name].append(timed(run, 1))
-            paired[name].append(probes[-1] / (full[name][-1] - one[name][-1]))
+            probes.append(timed(probe))
+            paired[name].append(min(probes[-2:]) / (full[name][-1] - one[name][-1]))
     bandwidth = bytes_per_token * (n - 1) / min(probes) / 1e9
     roofline = bandwidth * 1e9 / bytes_per_token
     mb = bytes_per_token / 1e6
@@ -116,8 +117,8 @@ def main() -> None:
           f"{mb:.0f} MB read per token -> roofline {roofline:.1f} tokens/s")
     print(f"compile_decode: its first generate took {compile_seconds:.0f} s (compilation)")
     print(f"greedy, prompt {ids.shape[1]} tokens + {n} new, best of {args.repeats} rounds; of roofline: "
-          "best decode / best roofline, and the median over rounds of each decode run / the roofline "
-          "read just before it")
+          "best decode / best roofline, and the median over rounds of each decode run / the higher "
+          "of the rooflines read just before and just after it")
     base = n / min(full["transformers generate"])
     print(f"{'':36}{'generate':>10}{'vs':>14}{'decode steps':>14}{'of roofline':>13}{'of roofline':>13}")
     print(f"{'':36}{'tokens/s':>10}{'transformers':>14}{'tokens/s':>14}{'best':>13}{'same moment':>13}")
