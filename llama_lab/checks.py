@@ -223,7 +223,7 @@ def check_causal_mask_after_cache(student_fn: Callable) -> Verdict:
 
 # --- notebook 01 ------------------------------------------------------------------------------
 
-def check_count_pairs(student_fn: Callable) -> bool:
+def check_count_pairs(student_fn: Callable) -> Verdict:
     """Exercise (01): `student_fn(ids)` returns {(a, b): how often b follows a in ids}."""
     inputs = [[1, 2, 3, 1, 2], [7, 7, 7], [5], [], list(b"hello, hello!")]
     cases = [(f"ids={ids}", (lambda ids=ids: dict(student_fn(list(ids)))), solutions.count_pairs(ids))
@@ -234,7 +234,7 @@ def check_count_pairs(student_fn: Callable) -> bool:
              "overlapping pairs count: [7, 7, 7] holds (7, 7) twice.")
 
 
-def check_apply_merge(student_fn: Callable) -> bool:
+def check_apply_merge(student_fn: Callable) -> Verdict:
     """Exercise (01): `student_fn(ids, pair, new_id)` replaces each occurrence of pair, left to right."""
     inputs = [([1, 2, 3, 1, 2], (1, 2), 4), ([7, 7, 7], (7, 7), 9), ([1, 2, 1, 2, 1], (2, 1), 8),
               ([1, 2], (2, 1), 5), ([], (1, 2), 3), ([3, 3, 3, 3], (3, 3), 6)]
@@ -247,7 +247,7 @@ def check_apply_merge(student_fn: Callable) -> bool:
              "jump two places, else append ids[i] and move one. [7, 7, 7] with (7, 7) -> [9, 7].")
 
 
-def check_chat_prompt_tokens(student_fn: Callable) -> bool:
+def check_chat_prompt_tokens(student_fn: Callable) -> Verdict:
     """Exercise (01): `student_fn(tokenizer, messages)` counts the tokens of the rendered chat prompt."""
     from llama_lab import models, tokenization
 

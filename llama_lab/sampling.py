@@ -403,19 +403,23 @@ class IncrementalDecoder:
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
 
+    def _pending(self) -> str:
+        """The text the tokens not yet handed out add to the window."""
+        before = self._decode(self.tokens[self.prefix:self.read])
+        return self._decode(self.tokens[self.prefix:])[len(before):]
+
     def add(self, token: int) -> str:
         """Add one token id; return the new text it completes (maybe '')."""
         self.tokens.append(token)
-        before = self._decode(self.tokens[self.prefix:self.read])
-        after = self._decode(self.tokens[self.prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        piece = self._pending()
+        if piece and not piece.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.tokens)
-            return after[len(before):]
+            return piece
         return ""
 
     def flush(self) -> str:
         """The text still held back at the end (an unfinished character shows as U+FFFD)."""
-        rest = self._decode(self.tokens[self.prefix:])[len(self._decode(self.tokens[self.prefix:self.read])):]
+        rest = self._pending()
         self.prefix = self.read = len(self.tokens)
         return rest
 
