@@ -33,6 +33,18 @@ _LLAMA2_SHAPES = {
                 num_attention_heads=64, num_key_value_heads=8),
 }
 
+# LLaMA 1 (Touvron et al., February 2023, table 2; the config.json files of the converted
+# checkpoints): the same shapes for 7B and 13B, a 2,048-token context, trained on 1.0T tokens
+# (7B, 13B) or 1.4T (33B, 65B).
+_LLAMA1_SHAPES = {
+    "7b": _LLAMA2_SHAPES["7b"],
+    "13b": _LLAMA2_SHAPES["13b"],
+    "33b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60,
+                num_attention_heads=52, num_key_value_heads=52),
+    "65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=64),
+}
+
 # Bytes per weight. "nf4" is bitsandbytes' 4-bit NormalFloat with double
 # quantization: 4 bits + an 8-bit scale per 64 weights + an fp32 scale per
 # 256 of those scales = 4.127 bits.
@@ -80,15 +92,25 @@ def rope_theta(config: LlamaConfig) -> float:
 
 def llama2_config(size: str) -> LlamaConfig:
     """The official `LlamaConfig` of Llama 2 "7b", "13b" or "70b"."""
-    key = size.lower().removeprefix("llama-2-")
-    if key not in _LLAMA2_SHAPES:
-        raise InvalidSettingError(
-            f"Unknown Llama 2 size {size!r}. Use one of: {', '.join(_LLAMA2_SHAPES)}."
-        )
+    return _config("Llama 2", size.lower().removeprefix("llama-2-"), _LLAMA2_SHAPES, context=4096, eps=1e-5)
+
+
+def llama1_config(size: str) -> LlamaConfig:
+    """The `LlamaConfig` of the first LLaMA (February 2023): "7b", "13b", "33b" or "65b".
+
+    >>> llama1_config("13b").max_position_embeddings, llama2_config("13b").max_position_embeddings
+    (2048, 4096)
+    """
+    return _config("LLaMA 1", size.lower().removeprefix("llama-1-"), _LLAMA1_SHAPES, context=2048, eps=1e-6)
+
+
+def _config(family: str, key: str, shapes: dict, context: int, eps: float) -> LlamaConfig:
+    if key not in shapes:
+        raise InvalidSettingError(f"Unknown {family} size {key!r}. Use one of: {', '.join(shapes)}.")
     return LlamaConfig(
-        vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        vocab_size=32000, max_position_embeddings=context, rms_norm_eps=eps,
         rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-        **_LLAMA2_SHAPES[key],
+        **shapes[key],
     )
 
 

@@ -99,3 +99,12 @@ def test_dtype_names():
     with pytest.raises(InvalidSettingError, match="fp32"):
         sizing.dtype_name("fp8")
 
+
+
+def test_llama1_13b_has_the_shapes_of_llama2_13b_and_half_its_context():
+    one, two = sizing.llama1_config("13b"), sizing.llama2_config("13b")
+    assert sizing.count_parameters(one) == sizing.count_parameters(two) == 13_015_864_320
+    assert (one.max_position_embeddings, two.max_position_embeddings) == (2048, 4096)
+    assert sizing.count_parameters(sizing.llama1_config("65b")) == 65_285_660_672  # "65B"
+    with pytest.raises(InvalidSettingError, match="Unknown LLaMA 1 size '70b'"):
+        sizing.llama1_config("70b")
