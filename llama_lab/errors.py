@@ -67,3 +67,14 @@ class ContextLengthError(LlamaLabError, ValueError):
             f"The prompt has {n_tokens} tokens but the model's context holds {context_len}. "
             f"Shorten the prompt by at least {n_tokens - context_len} tokens."
         )
+
+
+class UnknownExerciseError(LlamaLabError, KeyError):
+    """An exercise name that no lesson declares (in `solutions.show`, `solutions.hint`)."""
+
+    def __init__(self, name: str, known: list[str]):
+        self.name, self.known = name, known
+        super().__init__(f"No exercise is called {name!r}. The exercises: {', '.join(known)}.")
+
+    def __str__(self) -> str:  # KeyError would otherwise print the repr
+        return self.args[0]
