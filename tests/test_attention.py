@@ -14,6 +14,7 @@ from transformers import LlamaConfig
 
 import llama_lab as lab
 from llama_lab import attention, checks, sizing, solutions
+from llama_lab.checks.nb02_attention import _planted_maps
 from llama_lab.errors import InvalidSettingError, LlamaLabError
 
 TEXT = "Attention, please!"
@@ -241,7 +242,8 @@ def test_check_causal_attention(verdicts):
     no_mask = lambda q, k: (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
     no_scale = lambda q, k: solutions.causal_attention(q * q.shape[-1] ** 0.5, k)
     wrong_axis = lambda q, k: solutions.causal_attention(q, k).transpose(-1, -2)
-    verdicts(checks.check_causal_attention, solutions.causal_attention, no_mask, no_scale, wrong_axis)
+    verdicts(checks.check_causal_attention, solutions.causal_attention, (no_mask, "weight on future keys"),
+             (no_scale, "too peaked"), (wrong_axis, "the last dimension, the keys"))
 
 
 def test_check_strongest_induction_head(verdicts):
@@ -250,12 +252,16 @@ def test_check_strongest_induction_head(verdicts):
         scores = weights[:, :, rows, rows - period].mean(-1)
         return divmod(int(scores.argmax()), scores.shape[1])
 
+    def swapped(weights, period):
+        return solutions.strongest_induction_head(weights, period)[::-1]
+
     verdicts(checks.check_strongest_induction_head, solutions.strongest_induction_head,
-             duplicate_token_head, lambda w, p: (0, 0))
+             (duplicate_token_head, "a duplicate-token head"), (swapped, "layer and head are swapped"),
+             (lambda w, p: (0, 0), "an induction head at token i looks at the token that came AFTER"))
 
 
 def test_planted_heads_are_where_the_checker_says():
-    weights = checks._planted_maps((4, 3), 5, {(2, 1): 4, (1, 2): 5}, seed=0)
+    weights = _planted_maps((4, 3), 5, {(2, 1): 4, (1, 2): 5}, seed=0)
     assert solutions.strongest_induction_head(weights, 5) == (2, 1)
     torch.testing.assert_close(weights.sum(-1), torch.ones(4, 3, 10))
 
@@ -264,4 +270,5 @@ def test_check_rope_rotate(verdicts):
     interleaved = lambda x, pos, theta: solutions.rope_rotate(  # pairs (0, 1), (2, 3): another layout
         x.view(-1, 2).T.reshape(-1), pos, theta).view(2, -1).T.reshape(-1)
     backwards = lambda x, pos, theta: solutions.rope_rotate(x, -pos, theta)
-    verdicts(checks.check_rope_rotate, solutions.rope_rotate, interleaved, backwards, lambda x, pos, theta: x)
+    verdicts(checks.check_rope_rotate, solutions.rope_rotate, (interleaved, "you paired neighbours"),
+             (backwards, "turned the wrong way"), (lambda x, pos, theta: x, "x came back unchanged"))

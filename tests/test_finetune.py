@@ -259,12 +259,19 @@ def test_shipped_accelerate_configs_load():
 
 @pytest.mark.parametrize("check, solution, wrong_answers", [
     (checks.check_loss_mask, solutions.loss_mask_labels,
-     [lambda ids, start, end: list(ids),  # nothing masked
-      lambda ids, start, end: [-100] * start + list(ids[start:])]),
+     [(lambda ids, start, end: list(ids), "nothing is masked"),
+      (lambda ids, start, end: [-100] * start + list(ids[start:]), "the tokens after end"),
+      (lambda ids, start, end: [-100 if start <= i < end else t for i, t in enumerate(ids)],
+       "the reply itself is masked")]),
     (checks.check_lora_forward, solutions.lora_forward,
-     [lambda x, W, A, B, alpha, r: x @ W.T + x @ A.T @ B.T]),  # no scale
+     [(lambda x, W, A, B, alpha, r: x @ W.T + x @ A.T @ B.T, "the wrong size"),  # no alpha / r
+      (lambda x, W, A, B, alpha, r: alpha / r * x @ A.T @ B.T, "x @ W.T is missing")]),
     (checks.check_dpo_loss, solutions.dpo_loss,
-     [lambda pc, pr, rc, rr, beta: -torch.nn.functional.logsigmoid(beta * (pc - pr)).mean()]),  # no reference
+     [(lambda pc, pr, rc, rr, beta: -torch.nn.functional.logsigmoid(beta * (pc - pr)).mean(),
+       "the reference model is missing"),
+      (lambda pc, pr, rc, rr, beta: solutions.dpo_loss(pr, pc, rr, rc, beta), "chosen and rejected are"),
+      (lambda pc, pr, rc, rr, beta: solutions.dpo_loss(pc, pr, rc, rr, beta) * len(pc), "is the mean"),
+      (lambda pc, pr, rc, rr, beta: solutions.dpo_loss(pc, pr, rc, rr, 1.0), "beta is missing")]),
 ], ids=["loss_mask", "lora_forward", "dpo_loss"])
 def test_checkers_pass_the_solutions_and_fail_wrong_answers(check, solution, wrong_answers, verdicts):
     verdicts(check, solution, *wrong_answers)

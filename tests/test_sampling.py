@@ -270,19 +270,35 @@ def wrong_top_p(logits, p):  # forgets the token that crosses p
     return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
 
 
+def top_k_without_ties(logits, k):  # keeps k positions, drops the ties of the k-th
+    top = logits.topk(k, dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
+
+
+def top_p_in_sorted_order(logits, p):  # forgets to scatter the mask back to vocabulary order
+    probs = logits.softmax(-1).sort(dim=-1, descending=True).values
+    return logits.masked_fill(probs.cumsum(-1) - probs >= p, float("-inf"))
+
+
 def wrong_greedy(model, ids, n):  # samples the second most likely token
     for _ in range(n):
         ids = torch.cat([ids, model(ids).logits[:, -1].topk(2).indices[:, 1:]], dim=-1)
     return ids
 
 
-@pytest.mark.parametrize("check, solution, wrong", [
-    (checks.check_top_k, solutions.top_k_filter, wrong_top_k),
-    (checks.check_top_p, solutions.top_p_filter, wrong_top_p),
-    (checks.check_greedy_decode, solutions.greedy_decode, wrong_greedy),
+@pytest.mark.parametrize("check, solution, wrong_answers", [
+    (checks.check_top_k, solutions.top_k_filter,
+     [(wrong_top_k, "too many tokens kept"), (top_k_without_ties, "logits tied with the k-th"),
+      (lambda logits, k: solutions.top_k_filter(logits, k).softmax(-1).log(), "the kept logits changed")]),
+    (checks.check_top_p, solutions.top_p_filter,
+     [(wrong_top_p, "the token whose probability makes the total reach p"),
+      (top_p_in_sorted_order, "but other ones")]),
+    (checks.check_greedy_decode, solutions.greedy_decode,
+     [(wrong_greedy, "the new tokens differ"),
+      (lambda model, ids, n: solutions.greedy_decode(model, ids, n)[:, ids.shape[-1]:], "only the new")]),
 ], ids=["top_k", "top_p", "greedy"])
-def test_checkers_pass_the_solution_and_fail_wrong_answers(check, solution, wrong, verdicts):
-    verdicts(check, solution, wrong)
+def test_checkers_pass_the_solution_and_fail_wrong_answers(check, solution, wrong_answers, verdicts):
+    verdicts(check, solution, *wrong_answers)
 
 
 # --- compile_decode ------------------------------------------------------------------------------

@@ -254,12 +254,21 @@ def test_causal_mask_solution_is_what_positions_allow():
     assert torch.equal(solutions.causal_mask_after_cache(n_new, n_cached), key_positions <= query_positions)
 
 
-@pytest.mark.parametrize("check, solution, wrong", [
-    (checks.check_ffn_dim, solutions.ffn_dim, lambda dim, m, mult: round(8 * dim / 3 / m) * m),
+@pytest.mark.parametrize("check, solution, wrong_answers", [
+    (checks.check_ffn_dim, solutions.ffn_dim,
+     [(lambda dim, m, mult: round(8 * dim / 3 / m) * m, "round UP"),
+      (lambda dim, m, mult: solutions.ffn_dim(dim, m), "the multiplier"),
+      (lambda dim, m, mult: int(8 * dim / 3), "not a multiple of multiple_of")]),
     (checks.check_rotary_interleaved, solutions.apply_rotary_interleaved,
-     lambda x, theta: scratch.apply_rotary(x, *scratch.rope_tables(x.shape[1], x.shape[0], theta))),
+     [(lambda x, theta: scratch.apply_rotary(x, *scratch.rope_tables(x.shape[1], x.shape[0], theta)),
+       "transformers' layout"),
+      (lambda x, theta: solutions.apply_rotary_interleaved(torch.cat([x[:1], x]), theta)[1:],  # from 1, not 0
+       "by the wrong angles")]),
     (checks.check_causal_mask_after_cache, solutions.causal_mask_after_cache,
-     lambda n_new, n_cached: torch.ones(n_new, n_cached + n_new, dtype=torch.bool).tril()),
-])
-def test_checkers(check, solution, wrong, verdicts):
-    verdicts(check, solution, wrong)
+     [(lambda n_new, n_cached: torch.ones(n_new, n_cached + n_new, dtype=torch.bool).tril(),
+       "some cached tokens are hidden"),
+      (lambda n_new, n_cached: torch.ones(n_new, n_new, dtype=torch.bool).tril(), "one row per new token"),
+      (lambda n_new, n_cached: torch.ones(n_new, n_cached + n_new, dtype=torch.bool), "a later new token")]),
+], ids=["ffn_dim", "rotary_interleaved", "causal_mask_after_cache"])
+def test_checkers(check, solution, wrong_answers, verdicts):
+    verdicts(check, solution, *wrong_answers)

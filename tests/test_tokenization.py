@@ -235,8 +235,8 @@ def test_token_explorer_follows_the_text_and_the_choice(bpe, sp):
 def test_check_count_pairs(verdicts):
     assert checks.check_count_pairs(tokenization.get_stats)
     verdicts(checks.check_count_pairs, solutions.count_pairs,
-             lambda ids: dict(Counter(zip(ids[::2], ids[1::2], strict=False))),
-             lambda ids: dict.fromkeys(pairwise(ids), 1))  # no counting
+             (lambda ids: dict(Counter(zip(ids[::2], ids[1::2], strict=False))), "pairs overlap"),
+             (lambda ids: dict.fromkeys(pairwise(ids), 1), "the wrong counts"))  # no counting
 
 
 def test_check_apply_merge(verdicts):
@@ -246,8 +246,8 @@ def test_check_apply_merge(verdicts):
         return solutions.apply_merge(ids[::-1], pair[::-1], new_id)[::-1]
 
     verdicts(checks.check_apply_merge, solutions.apply_merge,
-             right_to_left,  # [7, 7, 7] -> [7, 9]
-             lambda ids, pair, new_id: [i for i in ids if i not in pair])
+             (right_to_left, "read left to right"),  # [7, 7, 7] -> [7, 9]
+             (lambda ids, pair, new_id: [i for i in ids if i not in pair], "new_id never appears"))
 
 
 def test_check_chat_prompt_tokens(verdicts):
@@ -262,4 +262,5 @@ def test_check_chat_prompt_tokens(verdicts):
         return len(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
     verdicts(checks.check_chat_prompt_tokens, solutions.chat_prompt_tokens,
-             double_bos, no_generation_prompt, characters)
+             (double_bos, "a second BOS"), (no_generation_prompt, "the opening of the assistant's turn"),
+             (characters, "in characters"))

@@ -65,7 +65,7 @@ def _strongest_at(weights: torch.Tensor, period: int, offset: int) -> tuple[int,
 def check_strongest_induction_head(student_fn: Callable) -> Verdict:
     """Exercise (02): `student_fn(weights, period)` returns (layer, head) of the strongest
     induction head in maps (layers, heads, tokens, tokens) of a sequence repeated every `period`."""
-    setups = [((4, 3), 5, {(2, 1): 4, (1, 2): 5, (3, 0): 1}, 0),   # induction, duplicate-token, previous
+    setups = [((4, 3), 5, {(2, 1): 4, (1, 1): 5, (3, 0): 1}, 0),   # induction, duplicate-token, previous
               ((6, 9), 8, {(5, 0): 7, (0, 4): 8, (2, 2): 1}, 1),
               ((3, 4), 6, {(0, 3): 5, (2, 3): 6, (1, 0): 1}, 2)]
     cases = [Case(f"{shape[0]} layers x {shape[1]} heads, period {period}",
