@@ -12,15 +12,23 @@ class LlamaLabError(Exception):
     """Base class of every error llama-lab raises on purpose."""
 
 
-class UnknownModelError(LlamaLabError, KeyError):
-    """A model name that is not in the registry."""
+class UnknownNameError(LlamaLabError, KeyError):
+    """A name that is not among the known ones of its `kind`; the message lists them."""
+
+    kind = "name"
 
     def __init__(self, name: str, known: list[str]):
         self.name, self.known = name, known
-        super().__init__(f"Unknown model {name!r}. Known models: {', '.join(known)}.")
+        super().__init__(f"Unknown {self.kind} {name!r}. Known {self.kind}s: {', '.join(known)}.")
 
     def __str__(self) -> str:  # KeyError would otherwise print the repr
         return self.args[0]
+
+
+class UnknownModelError(UnknownNameError):
+    """A model name that is not in the registry."""
+
+    kind = "model"
 
 
 class ModelTooLargeError(LlamaLabError, MemoryError):
@@ -69,12 +77,7 @@ class ContextLengthError(LlamaLabError, ValueError):
         )
 
 
-class UnknownExerciseError(LlamaLabError, KeyError):
+class UnknownExerciseError(UnknownNameError):
     """An exercise name that no lesson declares (in `solutions.show`, `solutions.hint`)."""
 
-    def __init__(self, name: str, known: list[str]):
-        self.name, self.known = name, known
-        super().__init__(f"No exercise is called {name!r}. The exercises: {', '.join(known)}.")
-
-    def __str__(self) -> str:  # KeyError would otherwise print the repr
-        return self.args[0]
+    kind = "exercise"

@@ -8,10 +8,12 @@ own hint and the step at once. The solution is printed only on request:
 `lab.solutions.show(name)`.
 
 >>> from llama_lab import checks
->>> checks.check_count_pairs(lambda ids: {})  # doctest: +ELLIPSIS
+>>> verdict = checks.check_count_pairs(lambda ids: {})  # doctest: +ELLIPSIS
 ❌ Count adjacent pairs: for ids=[1, 2, 3, 1, 2] the answer should be {(1, 2): 2, ...}, yours is {}.
    Hint: a pair is two neighbours: ...
    (A second miss names the step.)
+>>> bool(verdict)
+False
 """
 
 from __future__ import annotations
@@ -149,13 +151,4 @@ def _short(value: Any) -> str:
     return text if len(text) < 120 else text[:117] + "..."
 
 
-def __getattr__(name: str):
-    """`checks.check_top_k`: a checker from its lesson file, imported on first use."""
-    found = solutions.lesson_names(__name__)
-    if name in found:
-        return found[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *solutions.lesson_names(__name__)])
+__getattr__, __dir__ = solutions.lesson_access(__name__)

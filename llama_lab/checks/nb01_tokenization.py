@@ -18,7 +18,8 @@ def check_count_pairs(student_fn: Callable) -> Verdict:
                 lambda got, want, ids: got.keys() == want.keys()),
         Mistake("some pairs are missing: pairs overlap, so step one position at a time, not two "
                 "([7, 7, 7] holds (7, 7) twice).",
-                lambda got, want, ids: set(got) <= set(want) and sum(got.values()) < sum(want.values())),
+                lambda got, want, ids: got and set(got) <= set(want)
+                and sum(got.values()) < sum(want.values())),
     ])
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -102,13 +103,19 @@ def show(name: str) -> None:
     print(source[re.search(r"^def ", source, re.MULTILINE).start():], end="")
 
 
-def __getattr__(name: str):
-    """`solutions.layer_params`: a solution from its lesson file, imported on first use."""
-    found = lesson_names(__name__)
-    if name in found:
-        return found[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def lesson_access(package: str) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
+    """The module `__getattr__` and `__dir__` of a package whose public names live in its lesson
+    files: `solutions.layer_params`, `checks.check_top_k` import the lessons on first use."""
+    def __getattr__(name: str) -> object:
+        found = lesson_names(package)
+        if name in found:
+            return found[name]
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted([*vars(sys.modules[package]), *lesson_names(package)])
+
+    return __getattr__, __dir__
 
 
-def __dir__() -> list[str]:
-    return sorted([*globals(), *lesson_names(__name__)])
+__getattr__, __dir__ = lesson_access(__name__)
