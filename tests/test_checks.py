@@ -32,8 +32,15 @@ def check_square(student_fn, mistakes=()):
 
 
 def test_verdict_is_truthy_and_silent_in_notebooks():
-    assert checks.Verdict(True) and not checks.Verdict(False)
-    assert checks.Verdict(True)._ipython_display_() is None  # IPython shows nothing for it
+    assert checks.Verdict(True, "square") and not checks.Verdict(False, "square")
+    assert checks.Verdict(True, "square")._ipython_display_() is None  # IPython shows nothing for it
+
+
+def test_a_verdict_names_the_solution_even_for_the_untouched_exercise(capsys):
+    def todo(*args):
+        raise NotImplementedError
+
+    assert checks.check_top_k(todo).exercise == "top_k_filter"  # how to fill in an instructor's copy
 
 
 def test_a_pass_and_the_untouched_exercise_print_what_the_stored_notebooks_show(capsys):

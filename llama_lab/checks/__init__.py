@@ -58,17 +58,17 @@ class Mistake:
 
 
 class Verdict:
-    """A checker's result: truthy when the answer passed. A notebook shows nothing for it,
-    since the checker has already printed its verdict."""
+    """A checker's result: truthy when the answer passed; `exercise` names the solution it was
+    compared with. A notebook shows nothing for it, since the checker has printed its verdict."""
 
-    def __init__(self, passed: bool):
-        self.passed = passed
+    def __init__(self, passed: bool, exercise: str):
+        self.passed, self.exercise = passed, exercise
 
     def __bool__(self) -> bool:
         return self.passed
 
     def __repr__(self) -> str:
-        return f"Verdict(passed={self.passed})"
+        return f"Verdict(passed={self.passed}, exercise={self.exercise!r})"
 
     def _ipython_display_(self) -> None:
         pass
@@ -105,7 +105,7 @@ def run_check(title: str, student_fn: Callable, solution: Callable, cases: Seque
         except NotImplementedError:
             print(f"⏳ {title}: not answered yet. Replace `raise NotImplementedError` with your code, "
                   "then run the cell again.")
-            return Verdict(False)
+            return Verdict(False, solution.__name__)
         except Exception as err:  # the learner's code failed: explain, never crash the notebook
             return _miss(title, solution.__name__, f"your code raised {type(err).__name__}: {err}")
         expected = solution(*_fresh(case.args)) if case.expected is _BY_SOLUTION else case.expected
@@ -114,7 +114,7 @@ def run_check(title: str, student_fn: Callable, solution: Callable, cases: Seque
             return _miss(title, solution.__name__, f"for {case.description} the answer should be "
                          f"{_short(expected)}, yours is {_short(got)}.", mistake)
     print(f"✅ {title}: correct ({len(cases)} case{'s' * (len(cases) > 1)} checked).")
-    return Verdict(True)
+    return Verdict(True, solution.__name__)
 
 
 def _miss(title: str, name: str, what: str, mistake: Mistake | None = None) -> Verdict:
@@ -129,7 +129,7 @@ def _miss(title: str, name: str, what: str, mistake: Mistake | None = None) -> V
         lines += [f"   Hint, the step: {hints.step}",
                   f'   Still stuck? lab.solutions.show("{name}") prints a solution.']
     print("\n".join(lines))
-    return Verdict(False)
+    return Verdict(False, name)
 
 
 def _looks_like(mistake: Mistake, got: Any, expected: Any, args: tuple) -> bool:
