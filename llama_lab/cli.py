@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,7 +15,6 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 SHOWN_PACKAGES = ["torch", "transformers", "accelerate", "peft", "gguf", "ipywidgets", "jupyterlab"]
 SMALL_TRACK_BYTES = 1_500_000_000  # the small model, a notebook's work, and the kernel
 
@@ -159,14 +158,23 @@ def doctor() -> int:
     return 0
 
 
-def lab(extra: list[str]) -> int:
-    """Open JupyterLab on the notebooks folder (or the current folder if not in a checkout)."""
-    folder = NOTEBOOKS if NOTEBOOKS.is_dir() else Path.cwd()
-    jupyter = shutil.which("jupyter")
-    if jupyter is None:
+def lab(folder: Path | None, fresh: bool, extra: list[str]) -> int:
+    """Copy the notebooks into a working folder (first use, or new ones) and open JupyterLab there."""
+    from llama_lab import launch
+
+    if importlib.util.find_spec("jupyterlab") is None:
         print("JupyterLab is not installed: pip install jupyterlab", file=sys.stderr)
         return 1
-    os.execv(jupyter, [jupyter, "lab", f"--notebook-dir={folder}", *extra])
+    flags = launch.root_flags(extra)
+    if flags is None:
+        print(launch.ROOT_REFUSAL, file=sys.stderr)
+        return 1
+    folder = (folder or launch.default_folder()).expanduser()
+    print(launch.summary(folder, launch.copy_notebooks(folder, fresh)), flush=True)
+    if flags:
+        print("Running as root in a container where no other user runs anything: with --allow-root.")
+    argv = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={folder}", *flags, *extra]
+    os.execv(sys.executable, argv)
     return 0  # not reached: execv replaces this process
 
 
@@ -191,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="check this machine for the workshop")
-    sub.add_parser("lab", help="open JupyterLab on the notebooks (extra args go to jupyter lab)")
+    lab_parser = sub.add_parser("lab", allow_abbrev=False,
+                                help="copy the notebooks into a working folder and open JupyterLab there "
+                                     "(other arguments go to jupyter lab)")
+    lab_parser.add_argument("--dir", type=Path, default=None,
+                            help="the working folder (default ~/llama-lab); edited notebooks are kept")
+    lab_parser.add_argument("--fresh", action="store_true",
+                            help="clean copies of every notebook; edited ones are kept beside them, renamed")
     gen = sub.add_parser("generate", help="answer a prompt with a model")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="a model name (default: $LLAMA_LAB_MODEL or smollm2-135m)")
@@ -204,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         return doctor()
     if args.command == "lab":
-        return lab(extra)
+        return lab(args.dir, args.fresh, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return generate(args.prompt, args.model, args.max_new_tokens)

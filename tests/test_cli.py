@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from llama_lab import cli, models, sampling
+from llama_lab import cli, launch, models, sampling
 
 
 def run_cli(*args, env=None):
@@ -62,13 +62,15 @@ def test_doctor_says_when_there_is_no_cpp_compiler_and_stays_ready(monkeypatch, 
     assert "[none] C++ compiler" in out and "apt install g++" in out
 
 
-def test_lab_opens_jupyterlab_on_the_notebooks(monkeypatch):
+def test_lab_opens_jupyterlab_on_a_working_copy_of_the_notebooks(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(cli.os, "execv", lambda path, argv: calls.append(argv))
-    assert cli.main(["lab", "--no-browser"]) == 0
-    argv = calls[0]
-    assert argv[1:3] == ["lab", f"--notebook-dir={cli.NOTEBOOKS}"] and argv[-1] == "--no-browser"
-    assert (cli.NOTEBOOKS / "00_meet_llama2_13b.ipynb").exists()
+    monkeypatch.setattr(launch, "root_flags", lambda extra: [])
+    assert cli.main(["lab", "--dir", str(tmp_path), "--no-browser"]) == 0
+    assert calls == [[sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={tmp_path}", "--no-browser"]]
+    shipped = sorted(p.name for p in launch.shipped_notebooks().glob("*.ipynb"))
+    assert "00_meet_llama2_13b.ipynb" in shipped
+    assert sorted(p.name for p in tmp_path.glob("*.ipynb")) == shipped
 
 
 def test_generate_answers_from_the_terminal():
