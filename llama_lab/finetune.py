@@ -39,13 +39,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llama_lab import sizing
+from llama_lab.chat import Messages, assistant_char_spans
 from llama_lab.errors import InvalidSettingError
 from llama_lab.models import load_model
 
 DATA_DIR = Path(__file__).parent / "data"
 IGNORE_INDEX = -100  # labels with this value are left out of the loss (PyTorch's cross_entropy default)
-
-Messages = list[dict[str, str]]
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -58,39 +57,6 @@ def load_jsonl(name: str) -> list[dict]:
     """
     path = Path(name) if name.endswith(".jsonl") else DATA_DIR / f"{name}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-# SmolLM2's chat template with the assistant's part inside {% generation %} tags: with it,
-# transformers computes the assistant mask itself (return_assistant_tokens_mask=True), which
-# checks `build_example` in the tests and in notebook 05.
-SMOLLM2_TEMPLATE_WITH_GENERATION_TAGS = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    "<|im_end|>\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
-    "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def assistant_char_spans(tokenizer, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation rendered by the chat template, and the character spans the
-    assistant wrote: each reply's content plus the end-of-turn token that follows it
-    (the model must learn to stop)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        end = start + len(message["content"])
-        if text[start:end] != message["content"]:
-            raise ValueError("the chat template does not render the reply right after the "
-                             "generation prompt; cannot locate the assistant's tokens")
-        if text.startswith(tokenizer.eos_token, end):
-            end += len(tokenizer.eos_token)
-        spans.append((start, end))
-    return text, spans
 
 
 def build_example(tokenizer, messages: Messages) -> dict[str, list[int]]:

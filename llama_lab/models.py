@@ -37,7 +37,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from llama_lab import sizing
+from llama_lab import chat, sizing
 from llama_lab.errors import (
     InvalidSettingError,
     ModelAccessError,
@@ -74,12 +74,6 @@ MODELS = {
                   "meta-llama/Llama-2-13b-chat-hf", "13b"),
     ]
 }
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def default_model_name() -> str:
@@ -257,7 +251,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>",
                                         eos_token="<|im_end|>", pad_token="<|im_end|>",
                                         unk_token="<|endoftext|>")
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = chat.CHATML_TEMPLATE
     return tokenizer
 
 

@@ -35,6 +35,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode, generate_merges
 
+from llama_lab import chat
+
 # The training text: 64 sections of "The Python Language Reference" as shipped inside CPython 3.11
 # (the stdlib module pydoc_data.topics, the topics up to 8,000 characters each, in alphabetical
 # order, lines of only "*", "-", "=" decorations removed), (c) Python Software Foundation, PSF
@@ -216,7 +218,7 @@ def model_proto(sp: spm.SentencePieceProcessor):
 def to_transformers(sp: spm.SentencePieceProcessor) -> PreTrainedTokenizerFast:
     """Wrap a Llama-2-style SentencePiece model as a transformers tokenizer, built like
     meta-llama's tokenizer.json (prepend "▁", spaces -> "▁", BPE with byte fallback, a BOS),
-    with Llama-2-chat's chat template."""
+    with Llama-2-chat's chat template (`llama_lab.chat.LLAMA2_CHAT_TEMPLATE`)."""
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=generate_merges(vocab), unk_token="<unk>",
                                    fuse_unk=True, byte_fallback=True))
@@ -227,7 +229,7 @@ def to_transformers(sp: spm.SentencePieceProcessor) -> PreTrainedTokenizerFast:
                                                            special_tokens=[("<s>", sp.bos_id())])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                         unk_token="<unk>")
-    tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
+    tokenizer.chat_template = chat.LLAMA2_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -246,52 +248,6 @@ def load_llama2_tokenizer(hub_id: str = LLAMA2_HUB_ID) -> PreTrainedTokenizerBas
         print(f"The real Llama 2 tokenizer ({hub_id}) is not available here ({cause}: offline or no "
               "access); we go on with the Llama-2-style tokenizer trained above.")
         return None
-
-
-# --- chat templates ------------------------------------------------------------------------------
-
-# The chat template meta-llama ships in Llama-2-*-chat-hf's tokenizer_config.json.
-LLAMA2_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
-    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
-    "{% endfor %}"
-)
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-
-
-def format_llama2_chat(messages: list[dict[str, str]], bos: str = "<s>", eos: str = "</s>") -> str:
-    """Render a conversation in Llama-2-chat's format, as Meta's `chat_completion` does:
-    each (user, answer) turn is `<s>[INST] user [/INST] answer </s>`; the system prompt goes
-    inside the first user message between <<SYS>> tags.
-
-    >>> format_llama2_chat([{"role": "system", "content": "Be brief."},
-    ...                     {"role": "user", "content": "Hi!"}])
-    '<s>[INST] <<SYS>>\\nBe brief.\\n<</SYS>>\\n\\nHi! [/INST]'
-    """
-    if messages and messages[0]["role"] == "system":
-        first = messages[1]["content"]
-        messages = [{"role": "user", "content": B_SYS + messages[0]["content"] + E_SYS + first},
-                    *messages[2:]]
-    text = ""
-    for i, message in enumerate(messages):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise ValueError(f"message {i} has role {message['role']!r}; Llama 2 chat needs "
-                             "system (optional), then user and assistant turns alternating.")
-        if expected == "user":
-            text += f"{bos}{B_INST} {message['content'].strip()} {E_INST}"
-        else:
-            text += f" {message['content'].strip()} {eos}"
-    return text
 
 
 # --- looking at tokens ---------------------------------------------------------------------------

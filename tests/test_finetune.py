@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
-from llama_lab import checks, finetune, sizing, solutions
+from llama_lab import chat, checks, finetune, sizing, solutions
 from llama_lab.models import load_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_loss_mask_matches_transformers_assistant_mask(smollm2):
     """transformers computes the same mask from a template with {% generation %} tags."""
     tokenizer = smollm2[1]
     ex = finetune.build_example(tokenizer, CHAT)
-    tagged = finetune.SMOLLM2_TEMPLATE_WITH_GENERATION_TAGS
+    tagged = chat.SMOLLM2_TEMPLATE_WITH_GENERATION_TAGS
     assert tokenizer.apply_chat_template(CHAT, chat_template=tagged, tokenize=False) == \
         tokenizer.apply_chat_template(CHAT, tokenize=False)  # the same text as SmolLM2's own template
     ref = tokenizer.apply_chat_template(CHAT, chat_template=tagged, return_dict=True,

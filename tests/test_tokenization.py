@@ -1,5 +1,5 @@
 """Tests of notebook 01's library code: the from-scratch BPE against `tokenizers`, the
-Llama-2-style SentencePiece model, chat formats, the token display and the checkers."""
+Llama-2-style SentencePiece model, the token display and the checkers (chat formats: test_chat.py)."""
 
 from collections import Counter
 from itertools import pairwise
@@ -152,43 +152,6 @@ def test_llama2_tokenizer_offline_says_so_in_one_line(capsys):
     assert tokenization.load_llama2_tokenizer() is None  # tests run with HF_HUB_OFFLINE=1
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "not available" in out
-
-
-# --- chat formats ----------------------------------------------------------------------------------
-
-SYSTEM = {"role": "system", "content": "Be brief."}
-CONVERSATIONS = [
-    [{"role": "user", "content": "Hi!"}],
-    [SYSTEM, {"role": "user", "content": " Hi! "}],
-    [SYSTEM, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-     {"role": "user", "content": "And 3+3?"}],
-    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-]
-
-
-def test_llama2_chat_format_by_hand():
-    assert tokenization.format_llama2_chat(CONVERSATIONS[2]) == (
-        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n2+2? [/INST] 4 </s><s>[INST] And 3+3? [/INST]")
-
-
-@pytest.mark.parametrize("messages", CONVERSATIONS)
-def test_llama2_chat_format_equals_the_template(llama_style, messages):
-    rendered = llama_style.apply_chat_template(messages, tokenize=False)
-    assert tokenization.format_llama2_chat(messages) == rendered
-
-
-def test_llama2_chat_format_refuses_roles_out_of_order(llama_style):
-    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
-    with pytest.raises(ValueError, match="alternating"):
-        tokenization.format_llama2_chat(bad)
-    with pytest.raises(Exception, match="alternate"):
-        llama_style.apply_chat_template(bad, tokenize=False)
-
-
-def test_double_bos(llama_style):
-    text = tokenization.format_llama2_chat(CONVERSATIONS[1])
-    assert llama_style(text).input_ids[:2] == [1, 1]
-    assert llama_style.apply_chat_template(CONVERSATIONS[1], return_dict=False)[:2] != [1, 1]
 
 
 # --- looking at tokens -----------------------------------------------------------------------------
