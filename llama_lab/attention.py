@@ -24,15 +24,17 @@ import html
 import itertools
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 from IPython.display import HTML
-from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import repeat_kv
 
-from llama_lab import sizing
+from llama_lab import scratch, sizing, tokenization
 from llama_lab.errors import AttentionNotAvailableError, InvalidSettingError
+
+DATA_DIR = Path(__file__).parent / "data"
 
 
 @dataclass
@@ -68,11 +70,6 @@ def require_eager(model) -> None:
             "return the (heads x tokens x tokens) attention weights, so there are no maps to show. "
             "Load it with lab.load_model(attn_implementation='eager'), or switch this model with "
             "model.set_attn_implementation('eager').")
-
-
-def token_labels(tokenizer, input_ids) -> list[str]:
-    """Each token as readable text (byte-level 'Ġ' shown as a space, newlines as '\\n')."""
-    return [tokenizer.decode([int(i)]).replace("\n", "\\n") for i in input_ids]
 
 
 def _as_ids(tokenizer, text) -> torch.Tensor:
@@ -121,8 +118,8 @@ def collect_attention(model, tokenizer, text, *, layers=None, heads=None,
     finally:
         for handle in handles:
             handle.remove()
-    return AttentionMaps(torch.stack([kept[layer] for layer in layers]), token_labels(tokenizer, ids[0]),
-                         layers, heads)
+    return AttentionMaps(torch.stack([kept[layer] for layer in layers]),
+                         tokenization.token_labels(tokenizer, ids[0]), layers, heads)
 
 
 def queries_keys(model, input_ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,26 +127,29 @@ def queries_keys(model, input_ids: torch.Tensor, layer: int) -> tuple[torch.Tens
 
     Returns q and k of shape (query heads, tokens, head_dim): the keys are
     already repeated for grouped-query attention, so q[h] pairs with k[h].
+    Forward hooks keep what the model computes on the way: the outputs of the
+    layer's q and k projections, and the cos and sin of its rotary embedding.
     """
     attention = model.model.layers[layer].self_attn
     seen = {}
 
-    def grab(module, args, kwargs, output):
-        seen.update(hidden=kwargs["hidden_states"], cos_sin=kwargs["position_embeddings"])
+    def keep(name: str):
+        def hook(module, args, output):
+            seen[name] = output
+        return hook
 
-    handle = attention.register_forward_hook(grab, with_kwargs=True)
+    watched = {"q": attention.q_proj, "k": attention.k_proj, "cos_sin": model.model.rotary_emb}
+    handles = [module.register_forward_hook(keep(name)) for name, module in watched.items()]
     try:
         with torch.no_grad():
             model(input_ids.reshape(1, -1).to(model.device), use_cache=False)
     finally:
-        handle.remove()
-    hidden = seen["hidden"]
-    shape = (*hidden.shape[:-1], -1, attention.head_dim)
-    with torch.no_grad():
-        q = attention.q_proj(hidden).view(shape).transpose(1, 2)
-        k = attention.k_proj(hidden).view(shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, *seen["cos_sin"])
-    return q[0].float().cpu(), repeat_kv(k, attention.num_key_value_groups)[0].float().cpu()
+        for handle in handles:
+            handle.remove()
+    cos, sin = (t[0] for t in seen["cos_sin"])  # (tokens, head_dim): batch 1
+    q, k = (seen[name][0].unflatten(-1, (-1, attention.head_dim)).transpose(0, 1) for name in "qk")
+    q, k = scratch.apply_rotary(q, cos, sin), scratch.apply_rotary(k, cos, sin)
+    return q.float().cpu(), k.repeat_interleave(attention.num_key_value_groups, dim=0).float().cpu()
 
 
 # --- what heads do: scores per head ---------------------------------------------------------------
@@ -202,6 +202,7 @@ def entropy_bits(weights: torch.Tensor) -> torch.Tensor:
 def kv_head_map(config) -> list[int]:
     """For each query head, the key/value head it reads, from transformers' own `repeat_kv`.
 
+    >>> from transformers import LlamaConfig
     >>> kv_head_map(LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3))
     [0, 0, 0, 1, 1, 1, 2, 2, 2]
     """
@@ -211,12 +212,11 @@ def kv_head_map(config) -> list[int]:
 
 
 def rope(x: torch.Tensor, positions, theta: float = 10000.0) -> torch.Tensor:
-    """Rotate vectors `x` (n, head_dim) to `positions` (n,) with transformers' Llama RoPE."""
-    head_dim = x.shape[-1]
-    config = LlamaConfig(hidden_size=head_dim, num_attention_heads=1, head_dim=head_dim, rope_theta=theta)
-    cos, sin = LlamaRotaryEmbedding(config)(x, torch.as_tensor(positions).reshape(1, -1))
-    rotated, _ = apply_rotary_pos_emb(x[None, None], x[None, None], cos, sin)
-    return rotated[0, 0]
+    """Rotate vectors `x` (n, head_dim) to `positions` (n,): Llama's RoPE, the one written out in
+    `llama_lab.scratch` (`rope_tables`, `apply_rotary`), at any positions."""
+    positions = torch.as_tensor(positions).reshape(-1)
+    cos, sin = scratch.rope_tables(x.shape[-1], int(positions.max()) + 1, theta)
+    return scratch.apply_rotary(x, cos[positions], sin[positions])
 
 
 # --- cost -----------------------------------------------------------------------------------------
@@ -280,93 +280,9 @@ def plot_layer_head_map(scores: torch.Tensor, title: str, ax=None, layers=None):
 
 # --- interactive views ----------------------------------------------------------------------------
 
-_VIEWER_CSS = """
-#__ROOT__ { font-family: sans-serif; font-size: 13px; color: #222; }
-#__ROOT__ select { margin-right: 12px; }
-#__ROOT__ svg text { font-size: 12px; fill: #222; }
-#__ROOT__ svg text.token { cursor: pointer; }
-"""
-
-_VIEWER_JS = r"""
-(function () {
-  const root = document.currentScript?.parentElement || document.getElementById("__ROOT__");
-  const data = __DATA__;
-  const NS = "http://www.w3.org/2000/svg";
-  const [layerSel, headSel, modeSel] = ["layer", "head", "mode"].map(
-    r => root.querySelector(`[data-role=${r}]`));
-  const svg = root.querySelector("svg");
-  root.querySelector("[data-role=nojs]").remove();
-  root.querySelector("[data-role=controls]").style.display = "";
-  data.layers.forEach((l, i) => layerSel.add(new Option("layer " + l, i)));
-  data.heads.forEach((h, i) => headSel.add(new Option("head " + h, i)));
-  headSel.add(new Option("mean of these heads", -1));
-  const n = data.tokens.length, ROW = 20, PAD = 8;
-
-  function el(tag, attrs, text) {
-    const e = document.createElementNS(NS, tag);
-    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
-    if (text !== undefined) e.textContent = text;
-    svg.appendChild(e);
-    return e;
-  }
-  function currentMap() {
-    const heads = data.weights[+layerSel.value], h = +headSel.value;
-    if (h >= 0) return heads[h];
-    return heads[0].map((row, q) => row.map((_, k) => heads.reduce((s, m) => s + m[q][k], 0) / heads.length));
-  }
-  function textWidth() {
-    const probe = el("text", {}, data.tokens.reduce((a, b) => (a.length > b.length ? a : b), ""));
-    const w = probe.getComputedTextLength ? probe.getComputedTextLength() : 0;
-    probe.remove();
-    return Math.max(w, 7 * Math.max(...data.tokens.map(t => t.length))) + PAD;
-  }
-  function drawLines(w) {
-    const tw = textWidth(), left = tw, right = tw + 160;
-    svg.setAttribute("width", right + tw + 60);
-    svg.setAttribute("height", (n + 1) * ROW);
-    const y = i => (i + 1) * ROW;
-    const lines = w.map((row, q) => row.map((v, k) => el("line", {
-      x1: left + 4, y1: y(q) - 4, x2: right - 4, y2: y(k) - 4, stroke: "steelblue",
-      "stroke-width": 2, "stroke-opacity": v })));
-    const labels = data.tokens.map((t, k) => el("text", {x: right + tw + 4, y: y(k)}, ""));
-    data.tokens.forEach((t, k) => el("text", {x: right, y: y(k)}, t));
-    data.tokens.forEach((t, q) => {
-      const label = el("text", {x: left - 4, y: y(q), "text-anchor": "end", class: "token"}, t);
-      label.addEventListener("mouseenter", () => {
-        lines.forEach((row, r) => row.forEach(line => line.style.display = r === q ? "" : "none"));
-        labels.forEach((l, k) => l.textContent = k <= q ? w[q][k].toFixed(2) : "");
-      });
-      label.addEventListener("mouseleave", () => {
-        lines.forEach(row => row.forEach(line => line.style.display = ""));
-        labels.forEach(l => l.textContent = "");
-      });
-    });
-  }
-  function drawMatrix(w) {
-    const tw = textWidth(), size = 18;
-    svg.setAttribute("width", tw + n * size + 10);
-    svg.setAttribute("height", tw + n * size + 10);
-    data.tokens.forEach((t, i) => {
-      el("text", {x: tw - 4, y: tw + i * size + 13, "text-anchor": "end"}, t);
-      el("text", {transform: `translate(${tw + i * size + 13},${tw - 4}) rotate(-90)`}, t);
-    });
-    w.forEach((row, q) => data.tokens.forEach((_, k) => {
-      const v = row[k] || 0;  // rows stop at the diagonal: the future gets no weight
-      const cell = el("rect", {x: tw + k * size, y: tw + q * size, width: size - 1, height: size - 1,
-                               fill: "steelblue", "fill-opacity": v, stroke: "#eee"});
-      const tip = document.createElementNS(NS, "title");
-      tip.textContent = `${data.tokens[q]} -> ${data.tokens[k]}: ${v.toFixed(3)}`;
-      cell.appendChild(tip);
-    }));
-  }
-  function draw() {
-    svg.replaceChildren();
-    (modeSel.value === "lines" ? drawLines : drawMatrix)(currentMap());
-  }
-  [layerSel, headSel, modeSel].forEach(s => s.addEventListener("change", draw));
-  draw();
-})();
-"""
+# The viewer's style and script, with __ROOT__ standing for the id of its <div> and __DATA__ for the maps.
+VIEWER_CSS = DATA_DIR / "attention_viewer.css"
+VIEWER_JS = DATA_DIR / "attention_viewer.js"
 
 _viewer_count = itertools.count()
 
@@ -385,9 +301,11 @@ def attention_viewer(maps: AttentionMaps, decimals: int = 3) -> HTML:
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     digest = hashlib.sha1(payload.encode()).hexdigest()[:10]
     root = f"llama-lab-attention-{digest}-{next(_viewer_count)}"
+    style = VIEWER_CSS.read_text(encoding="utf-8").replace("__ROOT__", root)
+    script = VIEWER_JS.read_text(encoding="utf-8").replace("__ROOT__", root).replace("__DATA__", payload)
     return HTML(
         f'<div class="llama-lab-attention-viewer" id="{root}">'
-        f"<style>{_VIEWER_CSS.replace('__ROOT__', root)}</style>"
+        f"<style>{style}</style>"
         '<div data-role="nojs">Attention viewer: run this cell to see it (stored notebooks '
         "do not run scripts until you trust them).</div>"
         '<div data-role="controls" style="display:none">'
@@ -395,7 +313,7 @@ def attention_viewer(maps: AttentionMaps, decimals: int = 3) -> HTML:
         '<select data-role="mode"><option value="lines">lines (hover a token)</option>'
         '<option value="matrix">matrix</option></select></div>'
         '<svg xmlns="http://www.w3.org/2000/svg"></svg>'
-        f"<script>{_VIEWER_JS.replace('__ROOT__', root).replace('__DATA__', payload)}</script>"
+        f"<script>{script}</script>"
         "</div><!-- /llama-lab-attention-viewer -->"
     )
 

@@ -10,6 +10,9 @@ Three tokenizers, from the inside out:
 * the real ones: SmolLM2's byte-level BPE (`lab.load_model()`), and Llama 2's
   from the Hub when it can be reached (`load_llama2_tokenizer`).
 
+Tokens are shown one way everywhere, spaces as "▁" and newlines as "↵" (`show_bytes`,
+`token_labels`: plots, attention maps, `tokens_html`). Chat formats live in `llama_lab.chat`.
+
 >>> bpe = BPE.train("low lower lowest", vocab_size=258)
 >>> [bpe.vocab[i] for i in bpe.encode("lowest")]
 [b'low', b'e', b's', b't']
@@ -269,15 +272,21 @@ def token_bytes(tokenizer: Any, text: str) -> list[tuple[int, bytes]]:
 
     A token's bytes can be part of a character (an emoji is 4 bytes, maybe 4 tokens).
     """
-    if isinstance(tokenizer, BPE):
-        return [(i, tokenizer.vocab[i]) for i in tokenizer.encode(text)]
-    if isinstance(tokenizer, spm.SentencePieceProcessor):
+    if isinstance(tokenizer, (BPE, spm.SentencePieceProcessor)):
         ids = tokenizer.encode(text)
-        return [(i, _piece_bytes(tokenizer.id_to_piece(i), False)) for i in ids]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(zip(ids, _ids_bytes(tokenizer, ids), strict=True))
+
+
+def _ids_bytes(tokenizer: Any, ids: list[int]) -> list[bytes]:
+    """The bytes of each token id, for any tokenizer `token_bytes` accepts."""
+    if isinstance(tokenizer, BPE):
+        return [tokenizer.vocab[i] for i in ids]
+    if isinstance(tokenizer, spm.SentencePieceProcessor):
+        return [_piece_bytes(tokenizer.id_to_piece(i), False) for i in ids]
     byte_level = isinstance(tokenizer.backend_tokenizer.decoder, decoders.ByteLevel)
-    pieces = tokenizer.convert_ids_to_tokens(ids)
-    return [(i, _piece_bytes(p, byte_level)) for i, p in zip(ids, pieces, strict=True)]
+    return [_piece_bytes(piece, byte_level) for piece in tokenizer.convert_ids_to_tokens(ids)]
 
 
 def show_bytes(piece: bytes) -> str:
@@ -289,6 +298,17 @@ def show_bytes(piece: bytes) -> str:
     """
     text = piece.decode("utf-8", errors="backslashreplace")
     return text.replace(" ", "▁").replace("\n", "↵")
+
+
+def token_labels(tokenizer: Any, ids: Iterable[int]) -> list[str]:
+    """Labels for token ids, as `show_bytes` shows them: for plot ticks and attention views.
+
+    >>> from llama_lab.models import tiny_tokenizer
+    >>> tok = tiny_tokenizer()
+    >>> token_labels(tok, tok("a b\\n").input_ids)
+    ['a', '▁', 'b', '↵']
+    """
+    return [show_bytes(piece) for piece in _ids_bytes(tokenizer, [int(i) for i in ids])]
 
 
 # The same short text in English and in Portuguese (written for this project), and Python code,

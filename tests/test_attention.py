@@ -11,6 +11,7 @@ import pytest
 import torch
 from nbval.plugin import get_sanitize_patterns
 from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 import llama_lab as lab
 from llama_lab import attention, checks, sizing, solutions
@@ -42,7 +43,8 @@ def test_collect_keeps_the_chosen_layers_and_heads(tiny, ids):
     with torch.no_grad():
         everything = model(ids, output_attentions=True).attentions
     assert maps.weights.shape == (2, 2, len(TEXT), len(TEXT))
-    assert maps.tokens == list(TEXT)  # byte-level tokenizer: one token per character
+    assert maps.tokens == list(TEXT.replace(" ", "▁"))  # byte-level: one token per character
+    assert maps.tokens == lab.tokenization.token_labels(tokenizer, ids[0])
     torch.testing.assert_close(maps.head(3, 2), everything[3][0, 2])
     torch.testing.assert_close(maps.head(1, 0), everything[1][0, 0])
     assert maps.nbytes == 2 * 2 * len(TEXT) ** 2 * 4
@@ -58,7 +60,7 @@ def test_maps_are_causal_probability_rows(tiny):
 def test_a_prefix_has_the_top_left_corner_of_the_maps(tiny):
     full = attention.collect_attention(*tiny, TEXT)
     prefix = attention.collect_attention(*tiny, TEXT, max_tokens=4)
-    assert prefix.tokens == list(TEXT[:4])
+    assert prefix.tokens == full.tokens[:4]
     torch.testing.assert_close(prefix.weights, full.weights[:, :, :4, :4])
 
 
@@ -73,6 +75,18 @@ def test_sdpa_gives_a_clear_error():
 def test_out_of_range_choices_are_refused(tiny, kwargs):
     with pytest.raises(InvalidSettingError, match="numbered 0 to"):
         attention.collect_attention(*tiny, TEXT, **kwargs)
+
+
+def test_queries_keys_give_the_eager_attention_weights(tiny, ids):
+    """softmax(q k^T / sqrt(d)), causal, from the hooked q and k: what eager attention returns."""
+    model = tiny[0]
+    with torch.no_grad():
+        eager = model(ids, output_attentions=True).attentions
+    future = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).triu(1)
+    for layer in range(model.config.num_hidden_layers):
+        q, k = attention.queries_keys(model, ids, layer)
+        scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(future, float("-inf"))
+        torch.testing.assert_close(scores.softmax(-1), eager[layer][0])
 
 
 def test_hand_written_attention_from_queries_keys_equals_the_model(tiny, ids):
@@ -150,6 +164,16 @@ def test_rope_matches_the_model(tiny, ids):
     positions, theta = torch.arange(ids.shape[1]), sizing.rope_theta(model.config)
     for head in range(4):
         torch.testing.assert_close(attention.rope(raw[head].detach(), positions, theta), q[head])
+
+
+def test_rope_is_transformers_rope_at_any_positions():
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
+    positions = torch.tensor([0, 3, 1, 4000, 77])  # in any order, beyond any table
+    for theta in (10000.0, 100000.0):
+        config = LlamaConfig(hidden_size=64, num_attention_heads=1, head_dim=64, rope_theta=theta)
+        cos, sin = LlamaRotaryEmbedding(config)(x, positions[None])
+        expected, _ = apply_rotary_pos_emb(x[None, None], x[None, None], cos, sin)
+        torch.testing.assert_close(attention.rope(x, positions, theta), expected[0, 0])
 
 
 def test_hand_written_rope_matches_transformers():

@@ -166,6 +166,16 @@ def test_token_bytes_cover_the_text(bpe, sp, llama_style, text):
     assert tokenization.token_bytes(llama_style, text) == tokenization.token_bytes(sp, text)
 
 
+def test_token_labels_show_each_token_as_its_bytes(bpe, sp, llama_style):
+    text = "Hi llamas,\n  🦙"
+    for tok in (bpe, sp, llama_style, models.tiny_tokenizer()):
+        ids = [i for i, _ in tokenization.token_bytes(tok, text)]
+        labels = tokenization.token_labels(tok, ids)
+        assert labels == [tokenization.show_bytes(b) for _, b in tokenization.token_bytes(tok, text)]
+        assert " " not in "".join(labels) and "\n" not in "".join(labels)
+    assert tokenization.token_labels(llama_style, [llama_style.bos_token_id]) == ["<s>"]
+
+
 def test_tokens_html(bpe):
     text = "if a < b:\n    🦙"
     pieces = tokenization.token_bytes(bpe, text)
