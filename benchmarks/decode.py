@@ -11,7 +11,7 @@ This script measures, in one run and on one machine:
 2. transformers' `model.generate`, llama-lab's `sampling.generate` on the same
    transformers model, and on the from-scratch model of `llama_lab.scratch`
    (greedy: all must produce the same tokens), eager and after
-   `sampling.compile_decode`;
+   `compiled_decode.compile_decode`;
 3. the from-scratch model with and without its KV cache.
 
 Each generate runs twice per round: for n new tokens and for one. The first
@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import llama_lab as lab  # noqa: E402
-from llama_lab import sampling, scratch, sizing  # noqa: E402
+from llama_lab import compiled_decode, sampling, scratch, sizing  # noqa: E402
 
 PROMPT = "The history of the printing press begins"
 
@@ -77,7 +77,7 @@ def main() -> None:
 
     model, tokenizer = lab.load_model("smollm2-135m", device="cpu")
     mine = scratch.from_hf(model)
-    fast = sampling.compile_decode(scratch.from_hf(model))  # shares the weights
+    fast = compiled_decode.compile_decode(scratch.from_hf(model))  # shares the weights
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     n, eos = args.new_tokens, tokenizer.eos_token_id
     runs = {

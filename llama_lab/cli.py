@@ -82,10 +82,10 @@ def _machine_rows() -> tuple[list[str], float, float | None]:
 
 def _compiler_row() -> str:
     from llama_lab.errors import CompilerNotFoundError
-    from llama_lab.sampling import require_cpp_compiler
+    from llama_lab.compiled_decode import require_cpp_compiler
 
     try:
-        text, ok = f"{require_cpp_compiler()}  (torch.compile: notebook 04, sampling.compile_decode)", True
+        text, ok = f"{require_cpp_compiler()}  (torch.compile: notebook 04, compiled_decode)", True
     except CompilerNotFoundError:
         text, ok = "missing: notebook 04's compiled product needs it (apt install g++ python3-dev)", False
     return _row(ok, "C++ compiler", text, ("ok", "none"))

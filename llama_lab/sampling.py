@@ -22,26 +22,60 @@ tensor([[2., 1., 0., -inf]])
 >>> min_p(logits, 0.2)  # keep tokens with at least 0.2 x the top probability
 tensor([[2., 1., -inf, -inf]])
 
-`generate` runs the decode loop on a transformers model or on the
-from-scratch model of `llama_lab.scratch`, with or without a KV cache;
-`stream` yields the text as it is produced.
+`SamplingSettings` holds every setting of a decode run, checked once when it is
+made; `generate` runs the decode loop with them on a transformers model or on
+the from-scratch model of `llama_lab.scratch`, with or without a KV cache;
+`stream` yields the text as it is produced. `next_token_logits` and
+`plot_distribution` show the distribution the transforms reshape.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import sysconfig
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from llama_lab.errors import CompilerNotFoundError, ContextLengthError, InvalidSettingError
+from llama_lab import scratch, tokenization
+from llama_lab.errors import ContextLengthError, InvalidSettingError
 
 NEG_INF = float("-inf")
+
+
+# --- the next-token distribution -----------------------------------------------------------------
+
+def next_token_logits(model, tokenizer, prompt: str) -> torch.Tensor:
+    """The model's logits (vocab,) for the token that follows `prompt`."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        return model(ids).logits[0, -1].float()
+
+
+def plot_distribution(logits: torch.Tensor, tokenizer, filtered: torch.Tensor | None = None, k: int = 20,
+                      title: str = "next-token probabilities", ax=None):
+    """Bar plot of the `k` most likely next tokens. With `filtered` (the logits after a
+    transform), grey bars are the original probabilities and blue bars the probabilities
+    sampling uses after the transform (removed tokens have none)."""
+    import matplotlib.pyplot as plt  # here, not at the top: generate and stream draw nothing
+
+    ax = ax or plt.subplots(figsize=(7, 3))[1]
+    probs = logits.softmax(-1)
+    top = probs.topk(k).indices
+    positions = range(k)
+    if filtered is None:
+        ax.bar(positions, probs[top], color="tab:blue")
+    else:
+        kept = filtered.softmax(-1)
+        ax.bar(positions, probs[top], color="lightgrey", label="before")
+        ax.bar(positions, kept[top], width=0.5, color="tab:blue", label="after")
+        ax.legend(loc="upper right", fontsize=8)
+        title += f": {int(filtered.isfinite().sum())} tokens left"
+    labels = tokenization.token_labels(tokenizer, top.tolist())
+    ax.set_xticks(list(positions), labels, rotation=60, fontsize=8)
+    ax.set_ylabel("probability")
+    ax.set_title(title, fontsize=10)
+    return ax
 
 
 # --- logits transforms ---------------------------------------------------------------------------
@@ -52,6 +86,7 @@ def _is_number(v: Any) -> bool:
 
 # Each setting: (is it valid?, the valid range in words).
 _RULES = {
+    "max_new_tokens": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     "temperature": (lambda v: _is_number(v) and v > 0,
                     "a number > 0 (for always the most likely token, use do_sample=False)"),
     "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "an integer >= 1"),
@@ -59,7 +94,6 @@ _RULES = {
     "min_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number between 0 and 1"),
     "repetition_penalty": (lambda v: _is_number(v) and v > 0,
                            "a number > 0 (1 means no penalty, 1.1-1.3 is usual)"),
-    "max_new_tokens": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
 }
 
 
@@ -127,28 +161,53 @@ def repetition_penalty(logits: torch.Tensor, input_ids: torch.Tensor, penalty: f
     return logits.scatter(-1, input_ids, penalized)
 
 
-def process_logits(logits: torch.Tensor, input_ids: torch.Tensor, *, do_sample: bool = False,
-                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                   min_p: float | None = None, repetition_penalty: float | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Every setting of one decode run, checked once, when it is made (like transformers'
+    `GenerationConfig`): a value out of range raises `InvalidSettingError` before the model runs.
+    `generate` documents what each one does.
+
+    >>> SamplingSettings(12, do_sample=True, top_p=0.9).top_p
+    0.9
+    >>> SamplingSettings(12, top_k=0)
+    Traceback (most recent call last):
+    ...
+    llama_lab.errors.InvalidSettingError: top_k=0 is invalid: top_k must be an integer >= 1.
+    """
+
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    use_cache: bool = True
+    generator: torch.Generator | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        for name in _RULES:
+            if (value := getattr(self, name)) is not None:
+                check_setting(name, value)
+
+
+def process_logits(logits: torch.Tensor, input_ids: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
     """Apply the transforms in transformers' order: the penalty (greedy or sampled), then,
     when sampling only, temperature, top-k, top-p, min-p. Settings that change nothing are skipped."""
-    if repetition_penalty is not None and repetition_penalty != 1.0:
-        logits = _penalize(logits, input_ids, repetition_penalty)
-    if not do_sample:
+    if settings.repetition_penalty is not None and settings.repetition_penalty != 1.0:
+        logits = repetition_penalty(logits, input_ids, settings.repetition_penalty)
+    if not settings.do_sample:
         return logits
-    if temperature != 1.0:
-        logits = _temperature(logits, temperature)
-    if top_k is not None and top_k != 0:
-        logits = _top_k(logits, top_k)
-    if top_p is not None and top_p < 1.0:
-        logits = _top_p(logits, top_p)
-    if min_p is not None:
-        logits = _min_p(logits, min_p)
+    if settings.temperature != 1.0:
+        logits = temperature(logits, settings.temperature)
+    if settings.top_k is not None:
+        logits = top_k(logits, settings.top_k)
+    if settings.top_p is not None and settings.top_p < 1.0:
+        logits = top_p(logits, settings.top_p)
+    if settings.min_p is not None:
+        logits = min_p(logits, settings.min_p)
     return logits
-
-
-# process_logits' keyword arguments shadow the functions; keep a handle on each.
-_temperature, _top_k, _top_p, _min_p, _penalize = temperature, top_k, top_p, min_p, repetition_penalty
 
 
 def next_token(logits: torch.Tensor, do_sample: bool,
@@ -167,7 +226,7 @@ class _Decoder:
 
     def __init__(self, model, use_cache: bool, batch_size: int, max_len: int):
         self.model, self.use_cache = model, use_cache
-        self.is_scratch = hasattr(model, "new_cache")
+        self.is_scratch = isinstance(model, scratch.Llama)
         self.cache = None
         if use_cache and self.is_scratch:
             self.cache = model.new_cache(batch_size, max_len)
@@ -192,8 +251,9 @@ class _Decoder:
 def context_length(model) -> int:
     """How many tokens the model can attend to: a transformers model's `max_position_embeddings`,
     a from-scratch model's `max_seq_len`."""
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or config.max_seq_len
+    if isinstance(model, scratch.Llama):
+        return model.config.max_seq_len
+    return model.config.max_position_embeddings
 
 
 def _eos_ids(model, eos_token_id: int | list[int] | None) -> torch.Tensor:
@@ -205,39 +265,29 @@ def _eos_ids(model, eos_token_id: int | list[int] | None) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def generate_tokens(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
-                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                    min_p: float | None = None, repetition_penalty: float | None = None,
-                    use_cache: bool = True, generator: torch.Generator | None = None,
-                    eos_token_id: int | list[int] | None = None) -> Iterator[torch.Tensor]:
-    """Check the settings now, then iterate over the next token of every row, `(batch,)`,
+def generate_tokens(model, input_ids: torch.Tensor, settings: SamplingSettings) -> Iterator[torch.Tensor]:
+    """Check the prompt now, then iterate over the next token of every row, `(batch,)`,
     one step at a time (see `generate`)."""
     if input_ids.dim() != 2:
         raise InvalidSettingError(f"input_ids must have shape (batch, tokens), got {tuple(input_ids.shape)}: "
                                   "use tokenizer(text, return_tensors='pt').input_ids.")
-    check_setting("max_new_tokens", max_new_tokens)
-    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                    repetition_penalty=repetition_penalty)
-    for name, value in settings.items():
-        if value is not None:
-            check_setting(name, value)
     context = context_length(model)
     if input_ids.shape[1] > context:
         raise ContextLengthError(input_ids.shape[1], context)
-    max_new_tokens = min(max_new_tokens, context - input_ids.shape[1])  # the model cannot see further
-    return _decode_loop(model, input_ids, max_new_tokens, _eos_ids(model, eos_token_id).to(input_ids.device),
-                        use_cache, generator, dict(settings, do_sample=do_sample))
+    max_new_tokens = min(settings.max_new_tokens, context - input_ids.shape[1])  # it cannot see further
+    eos = _eos_ids(model, settings.eos_token_id).to(input_ids.device)
+    return _decode_loop(model, input_ids, max_new_tokens, eos, settings)
 
 
-def _decode_loop(model, input_ids: torch.Tensor, max_new_tokens: int, eos: torch.Tensor, use_cache: bool,
-                 generator: torch.Generator | None, settings: dict) -> Iterator[torch.Tensor]:
+def _decode_loop(model, input_ids: torch.Tensor, max_new_tokens: int, eos: torch.Tensor,
+                 settings: SamplingSettings) -> Iterator[torch.Tensor]:
     batch, prompt_len = input_ids.shape
-    decoder = _Decoder(model, use_cache, batch, prompt_len + max_new_tokens)
+    decoder = _Decoder(model, settings.use_cache, batch, prompt_len + max_new_tokens)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     ids, new = input_ids, input_ids
     for _ in range(max_new_tokens):
-        logits = process_logits(decoder(new), ids, **settings)
-        token = next_token(logits, settings["do_sample"], generator)
+        logits = process_logits(decoder(new), ids, settings)
+        token = next_token(logits, settings.do_sample, settings.generator)
         if len(eos):  # rows that ended keep emitting their end-of-sequence token, as in transformers
             token = torch.where(finished, eos[0], token)
             finished |= torch.isin(token, eos)
@@ -245,7 +295,7 @@ def _decode_loop(model, input_ids: torch.Tensor, max_new_tokens: int, eos: torch
         if bool(finished.all()):
             return
         new = token[:, None]
-        if settings["repetition_penalty"] is not None:  # the penalty looks at the whole text
+        if settings.repetition_penalty is not None:  # the penalty looks at the whole text
             ids = torch.cat([ids, new], dim=-1)
 
 
@@ -256,7 +306,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
              ) -> torch.Tensor:
     """Continue `input_ids` (batch, tokens) by up to `max_new_tokens`; return prompt + new tokens.
 
-    model: a transformers causal LM, or a `llama_lab.scratch` model (anything with `new_cache`).
+    model: a transformers causal LM, or a `llama_lab.scratch.Llama`.
     do_sample: False picks the most likely token (greedy); True draws from the distribution
         reshaped by temperature, top_k, top_p and min_p (ignored when greedy, as in transformers).
     repetition_penalty: applied in both modes, to the prompt's tokens too.
@@ -266,7 +316,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
         which is what `model.generate` uses after `torch.manual_seed`).
     eos_token_id: stop once every row has produced it (default: the model config's).
 
-    Greedy output, and sampled output with the same seed, equal `model.generate`'s.
+    The settings are checked together (`SamplingSettings`) before the model runs. Greedy
+    output, and sampled output with the same seed, equal `model.generate`'s.
 
     >>> from llama_lab import load_model
     >>> model, tok = load_model("tiny-random")
@@ -274,106 +325,11 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
     >>> generate(model, ids, 5).shape
     torch.Size([1, 7])
     """
-    tokens = list(generate_tokens(model, input_ids, max_new_tokens, do_sample=do_sample,
-                                  temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                  repetition_penalty=repetition_penalty, use_cache=use_cache,
-                                  generator=generator, eos_token_id=eos_token_id))
+    settings = SamplingSettings(max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                use_cache=use_cache, generator=generator, eos_token_id=eos_token_id)
+    tokens = list(generate_tokens(model, input_ids, settings))
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1) if tokens else input_ids
-
-
-# --- speed ---------------------------------------------------------------------------------------
-
-class MatVecLinear(nn.Linear):
-    """An `nn.Linear` whose one-token product, once compiled, is a matrix-vector product written
-    out: out[j] = sum_i W[j, i] x[i], multiply then sum along each row of W.
-
-    `torch.compile` (inductor) turns the multiply-then-sum into one loop that streams each row of
-    W once, vectorized and split over the cores: it reads the weights at about the memory
-    bandwidth, where MKL's matrix-vector product (`F.linear` at batch 1) reads them at a third to
-    a half of it on the AMD EPYC of benchmarks/README.md. Eager, the same line would build the whole
-    (out, in) product in memory, so outside compilation, and for more than one token, this is
-    a plain `nn.Linear`.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.compiler.is_compiling() and x.shape[-2] == 1):
-            return super().forward(x)
-        out = (x.unsqueeze(-2) * self.weight).sum(-1)
-        return out if self.bias is None else out + self.bias
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> MatVecLinear:
-        """A MatVecLinear holding the Parameters of `linear` (shared, not copied: tied weights stay tied)."""
-        with torch.device("meta"):
-            fast = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        fast.weight, fast.bias = linear.weight, linear.bias
-        return fast
-
-
-def require_cpp_compiler() -> str:
-    """The C++ compiler that torch.compile will use on a CPU ($CXX, g++ or clang++), or a
-    `CompilerNotFoundError` saying how to install it (or Python's headers, which it also needs)."""
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
-    if not compiler:
-        raise CompilerNotFoundError("torch.compile needs a C++ compiler on a CPU and none was found "
-                                    "(g++, clang++ or $CXX). Install one (Debian/Ubuntu: apt install g++; "
-                                    "macOS: xcode-select --install), or use Colab. Without one, decode "
-                                    "without compile_decode: same tokens, slower.")
-    headers = Path(sysconfig.get_paths()["include"], "Python.h")
-    if not headers.exists():
-        raise CompilerNotFoundError(f"torch.compile builds its kernels against Python's C headers, and "
-                                    f"{headers} is missing. Install them (Debian/Ubuntu: apt install "
-                                    "python3-dev, for the system's Python).")
-    return compiler
-
-
-def compile_decode(model: nn.Module) -> nn.Module:
-    """Make the one-token steps of a from-scratch model run near the memory-bandwidth limit,
-    in place, and return the model: same tokens, 2.5-3x faster on this project's CPU.
-
-    A decode step reads every weight once to produce one token, so its speed limit is the
-    memory bandwidth divided by the weights' bytes (`llama_lab.sizing.decode_roofline`). Eager
-    PyTorch reaches a quarter to a third of it on a CPU: the profiler puts most of a step in
-    MKL's matrix-vector products, which stream the weights at a third to a half of the
-    bandwidth, and the rest in some 400 small operations, each launched from Python. So every
-    `nn.Linear` becomes a `MatVecLinear` (weights shared, not copied) and one-token calls run
-    `torch.compile`d: inductor writes each matrix-vector product as a loop that reads at about
-    the bandwidth, fuses the small operations (RMSNorm, RoPE, SwiGLU, the cache writes) and
-    runs the whole step as C++. Shapes are dynamic: one compilation serves every position and
-    cache size (a batch of several sequences compiles once more). Calls with more tokens (the
-    prompt) stay eager. benchmarks/README.md has the measurements.
-
-    The first one-token call compiles: about a minute on 2 cores, 20 s once inductor's on-disk
-    cache (/tmp/torchinductor_<user>) holds the kernels. Needs a C++ compiler (g++ or clang++).
-
-    >>> from llama_lab import load_model, scratch
-    >>> model = compile_decode(scratch.from_hf(load_model("tiny-random")[0]))
-    >>> type(model.layers[0].attention.wq).__name__
-    'MatVecLinear'
-    """
-    if not hasattr(model, "new_cache"):
-        raise InvalidSettingError("compile_decode works on a from-scratch model: "
-                                  "pass llama_lab.scratch.from_hf(model).")
-    require_cpp_compiler()
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if type(child) is nn.Linear:
-                setattr(parent, name, MatVecLinear.from_linear(child))
-    eager = model.forward
-    # Before each call torch.compile checks that nothing it relied on changed (its guards): here
-    # thousands of module attributes, 1 ms a step. The model's structure stays as it is, so
-    # check only the tensors (the weights may change: they are inputs of the compiled step).
-    step = torch.compile(eager, dynamic=True,
-                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-
-    def forward(input_ids: torch.Tensor, cache=None) -> torch.Tensor:
-        if input_ids.shape[1] > 1:
-            return eager(input_ids, cache)
-        with torch.inference_mode():  # the same kind of input tensor whatever the caller's mode:
-            return step(input_ids.clone(memory_format=torch.contiguous_format), cache)  # no recompilation
-
-    model.forward = forward
-    return model
 
 
 # --- streaming ----------------------------------------------------------------------------------
@@ -424,9 +380,10 @@ class IncrementalDecoder:
         return rest
 
 
-def stream(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, **settings) -> Iterator[str]:
-    """Like `generate` (same keyword settings) for one prompt, but yield the new text piece by
-    piece as it is produced: `"".join(stream(...))` is the decoded continuation.
+def stream(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, **settings: Any) -> Iterator[str]:
+    """Like `generate` (same keyword settings, the fields of `SamplingSettings`) for one prompt,
+    but yield the new text piece by piece as it is produced: `"".join(stream(...))` is the
+    decoded continuation.
 
     >>> from llama_lab import load_model
     >>> model, tok = load_model("tiny-random")
@@ -435,10 +392,11 @@ def stream(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, **set
     ...                               skip_special_tokens=True)
     True
     """
+    checked = SamplingSettings(max_new_tokens, **settings)
     if input_ids.shape[0] != 1:
         raise InvalidSettingError(f"stream() takes one prompt (batch 1), not {input_ids.shape[0]}.")
     decoder = IncrementalDecoder(tokenizer)
-    for token in generate_tokens(model, input_ids, max_new_tokens, **settings):
+    for token in generate_tokens(model, input_ids, checked):
         piece = decoder.add(int(token))
         if piece:
             yield piece

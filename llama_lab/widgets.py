@@ -1,7 +1,15 @@
 """ipywidgets front-ends for the notebooks: small controls around functions of the library.
 
 Each widget only wires inputs to a library function that does the work (and is tested on
-its own), so the notebooks stay readable and the logic stays testable.
+its own), so the notebooks stay readable and the logic stays testable: the token explorer
+(notebook 01) around `tokenization`, the sampling playground (notebook 04) around `sampling`.
+
+>>> from llama_lab.models import load_model
+>>> model, tokenizer = load_model("tiny-random")
+>>> pg = SamplingPlayground(model, tokenizer, prompt="Hi")
+>>> pg.max_tokens.value = 5
+>>> len(pg.run()) > 0
+True
 """
 
 from __future__ import annotations
@@ -9,8 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import ipywidgets as widgets
+import torch
 
-from llama_lab import tokenization
+from llama_lab import sampling, tokenization
 
 # --- token explorer (notebook 01) ----------------------------------------------------------------
 
@@ -36,3 +45,42 @@ def token_explorer(tokenizers: dict[str, Any], text: str = "Llamas 🦙 don't to
     box.observe(render, names="value")
     render()
     return widgets.VBox([choice, box, view, counts])
+
+
+# --- sampling playground (notebook 04) ----------------------------------------------------------
+
+class SamplingPlayground:
+    """Sliders for temperature, top-k, top-p, max tokens and the seed; the text streams in as
+    it is generated. `display(pg.widget)` shows it; `pg.run()` generates with the current
+    settings (the Generate button calls it) and returns the text."""
+
+    def __init__(self, model, tokenizer, prompt: str = "Once upon a time"):
+        self.model, self.tokenizer = model, tokenizer
+        style = {"description_width": "90px"}
+        self.prompt = widgets.Textarea(value=prompt, description="prompt", style=style,
+                                       layout=widgets.Layout(width="95%"))
+        self.temperature = widgets.FloatSlider(value=0.8, min=0.05, max=2.0, step=0.05,
+                                               description="temperature", style=style)
+        self.top_k = widgets.IntSlider(value=50, min=0, max=200, description="top-k (0: off)", style=style)
+        self.top_p = widgets.FloatSlider(value=0.95, min=0.05, max=1.0, step=0.05, description="top-p",
+                                         style=style)
+        self.max_tokens = widgets.IntSlider(value=30, min=1, max=200, description="max tokens", style=style)
+        self.seed = widgets.IntText(value=0, description="seed", style=style)
+        self.button = widgets.Button(description="Generate", button_style="primary")
+        self.output = widgets.Textarea(layout=widgets.Layout(width="95%", height="120px"),
+                                       description="output", style=style)
+        self.button.on_click(lambda _: self.run())
+        self.widget = widgets.VBox([self.prompt, widgets.HBox([self.temperature, self.top_k]),
+                                    widgets.HBox([self.top_p, self.max_tokens]),
+                                    widgets.HBox([self.seed, self.button]), self.output])
+
+    def run(self) -> str:
+        """Generate from the prompt with the sliders' settings, streaming into the output box."""
+        ids = self.tokenizer(self.prompt.value, return_tensors="pt").input_ids
+        self.output.value = ""
+        for piece in sampling.stream(self.model, self.tokenizer, ids, self.max_tokens.value, do_sample=True,
+                                     temperature=self.temperature.value, top_k=self.top_k.value or None,
+                                     top_p=self.top_p.value,
+                                     generator=torch.Generator().manual_seed(self.seed.value)):
+            self.output.value += piece
+        return self.output.value

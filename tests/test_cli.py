@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from llama_lab import cli, launch, models, sampling
+from llama_lab import cli, compiled_decode, launch, models
 
 
 def run_cli(*args, env=None):
@@ -56,7 +56,7 @@ def test_doctor_reports_an_outdated_package(monkeypatch, capsys):
 
 def test_doctor_says_when_there_is_no_cpp_compiler_and_stays_ready(monkeypatch, capsys):
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(sampling.shutil, "which", lambda name: None)
+    monkeypatch.setattr(compiled_decode.shutil, "which", lambda name: None)
     assert cli.main(["doctor"]) == 0  # only notebook 04's compiled product needs one
     out = capsys.readouterr().out
     assert "[none] C++ compiler" in out and "apt install g++" in out

@@ -1,5 +1,6 @@
 """llama_lab.sampling against transformers: the logits transforms, generate, streaming."""
 
+import dataclasses
 import functools
 import threading
 
@@ -10,8 +11,8 @@ from hypothesis import strategies as st
 from transformers import TextIteratorStreamer
 from transformers.generation import logits_process as hf
 
-from llama_lab import checks, playground, sampling, scratch, solutions
-from llama_lab.errors import CompilerNotFoundError, ContextLengthError, InvalidSettingError
+from llama_lab import checks, sampling, scratch, solutions, tokenization, widgets
+from llama_lab.errors import ContextLengthError, InvalidSettingError
 from llama_lab.models import load_model
 
 INF = float("inf")
@@ -105,6 +106,50 @@ def test_invalid_penalty_and_generate_settings_raise_before_running_the_model():
         sampling.generate(model, ids, -1)
     with pytest.raises(InvalidSettingError, match="batch, tokens"):
         sampling.generate(model, ids[0], 3)
+
+
+def test_settings_are_checked_once_when_made_and_then_fixed():
+    with pytest.raises(InvalidSettingError, match="repetition_penalty=0 is invalid"):
+        sampling.SamplingSettings(10, repetition_penalty=0)
+    with pytest.raises(InvalidSettingError, match="max_new_tokens"):
+        sampling.SamplingSettings(-1)
+    settings = sampling.SamplingSettings(10, do_sample=True, top_k=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.top_k = 0  # no way around the check
+    model, tok = tiny()
+    ids = tok("Hi", return_tensors="pt").input_ids
+    with pytest.raises(InvalidSettingError, match="min_p"):
+        next(sampling.stream(model, tok, ids, 3, min_p=2.0))
+    with pytest.raises(TypeError, match="top_q"):
+        next(sampling.stream(model, tok, ids, 3, top_q=0.5))  # a misspelt setting is not ignored
+
+
+def test_process_logits_applies_the_settings_in_transformers_order():
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0)) * 3
+    ids = torch.tensor([[1, 2, 3], [4, 4, 5]])
+    settings = sampling.SamplingSettings(1, do_sample=True, temperature=0.7, top_k=10, top_p=0.8, min_p=0.05,
+                                         repetition_penalty=1.3)
+    expected = logits
+    for warper in (hf.RepetitionPenaltyLogitsProcessor(1.3), hf.TemperatureLogitsWarper(0.7),
+                   hf.TopKLogitsWarper(10), hf.TopPLogitsWarper(0.8), hf.MinPLogitsWarper(0.05)):
+        expected = warper(ids, expected.clone())
+    same(sampling.process_logits(logits, ids, settings), expected)
+    greedy = dataclasses.replace(settings, do_sample=False)  # only the penalty applies
+    penalized = hf.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    same(sampling.process_logits(logits, ids, greedy), penalized)
+
+
+# --- the distribution and its picture ------------------------------------------------------------
+
+def test_next_token_logits_and_their_plot():
+    model, tok = tiny()
+    logits = sampling.next_token_logits(model, tok, "Hello")
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(tok("Hello", return_tensors="pt").input_ids).logits[0, -1])
+    ax = sampling.plot_distribution(logits, tok, sampling.top_k(logits, 3), k=8)
+    top = logits.topk(8).indices.tolist()
+    assert [t.get_text() for t in ax.get_xticklabels()] == tokenization.token_labels(tok, top)
+    assert ax.get_title().endswith(f"{int(sampling.top_k(logits, 3).isfinite().sum())} tokens left")
 
 
 # --- generate against model.generate -------------------------------------------------------------
@@ -236,7 +281,7 @@ def test_stream_takes_one_prompt():
 
 def test_playground_streams_into_its_output_box():
     model, tok = tiny()
-    pg = playground.SamplingPlayground(model, tok, prompt="Hi")
+    pg = widgets.SamplingPlayground(model, tok, prompt="Hi")
     pg.max_tokens.value, pg.seed.value = 12, 3
     seen = []
     pg.output.observe(lambda change: seen.append(change["new"]), names="value")
@@ -299,57 +344,3 @@ def wrong_greedy(model, ids, n):  # samples the second most likely token
 ], ids=["top_k", "top_p", "greedy"])
 def test_checkers_pass_the_solution_and_fail_wrong_answers(check, solution, wrong_answers, verdicts):
     verdicts(check, solution, *wrong_answers)
-
-
-# --- compile_decode ------------------------------------------------------------------------------
-
-def test_matvec_linear_is_the_linear_it_replaces_eager_and_compiled():
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(48, 40)
-    fast = sampling.MatVecLinear.from_linear(linear)
-    assert fast.weight is linear.weight and fast.bias is linear.bias
-    compiled = torch.compile(fast, dynamic=False)
-    for tokens in (1, 3):  # one token: the multiply-then-sum loop; more: F.linear
-        x = torch.randn(2, tokens, 48)
-        assert torch.equal(fast(x), linear(x))
-        torch.testing.assert_close(compiled(x), linear(x))
-
-
-def test_compile_decode_gives_the_same_tokens_with_one_compilation_for_every_position():
-    model, tok = tiny()
-    ids = tok("Hello", return_tensors="pt").input_ids
-    longer = tok("Hello there, how are you", return_tensors="pt").input_ids
-    eager = scratch.from_hf(model)
-    expected = [sampling.generate(eager, prompt, 20, eos_token_id=[]) for prompt in (ids, longer)]
-    fast = sampling.compile_decode(scratch.from_hf(model))
-    assert fast.output.weight is model.lm_head.weight  # shared, not copied
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert torch.equal(sampling.generate(fast, ids, 20, eos_token_id=[]), expected[0])
-    assert torch.equal(sampling.generate(fast, longer, 20, eos_token_id=[]), expected[1])
-    logits = []
-    for m in (fast, eager):  # called directly, outside inference mode: still no new compilation
-        with torch.no_grad():
-            cache = m.new_cache(1, 8)
-            m(ids, cache)
-            logits.append(m(ids[:, -1:], cache))
-    torch.testing.assert_close(*logits)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
-
-
-def test_compile_decode_refuses_a_transformers_model():
-    model, _ = tiny()
-    with pytest.raises(InvalidSettingError, match="scratch.from_hf"):
-        sampling.compile_decode(model)
-
-
-def test_compile_decode_without_a_compiler_says_how_to_get_one(monkeypatch):
-    monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(sampling.shutil, "which", lambda name: None)
-    with pytest.raises(CompilerNotFoundError, match="apt install g"):
-        sampling.compile_decode(scratch.from_hf(tiny()[0]))
-    monkeypatch.setenv("CXX", "/opt/my-g++")
-    assert sampling.require_cpp_compiler() == "/opt/my-g++"
-    monkeypatch.setattr(sampling.sysconfig, "get_paths", lambda: {"include": "/nowhere"})
-    with pytest.raises(CompilerNotFoundError, match="python3-dev"):
-        sampling.require_cpp_compiler()
-
