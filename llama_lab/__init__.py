@@ -4,15 +4,16 @@
 >>> lab.count_parameters(lab.llama2_config("13b"))
 13015864320
 
-The lesson modules load on first use, so `import llama_lab` stays quick:
-`lab.tokenization`, `lab.attention`, `lab.scratch`, `lab.sampling`, `lab.finetune`, ...
+Every module of the package is reachable as `lab.<module>`; the lesson modules load on first
+use, so `import llama_lab` stays quick: `lab.tokenization`, `lab.chat`, `lab.attention`, `lab.scratch`,
+`lab.sampling`, `lab.compiled_decode`, `lab.finetune`, ...
 """
 
 import importlib
+import pkgutil
 
-from llama_lab import checks, errors, solutions
 from llama_lab.models import MODELS, available_memory, default_model_name, load_model
-from llama_lab.notebook import setup
+from llama_lab.notebook import best_seconds, setup, show
 from llama_lab.sizing import (
     count_parameters,
     decode_roofline,
@@ -24,12 +25,13 @@ from llama_lab.sizing import (
 
 __version__ = "0.1.0"
 
-_LESSON_MODULES = {"attention", "finetune", "sampling", "scratch", "tokenization", "widgets"}
+# Every module but the command line's, found in the package: a new lesson module needs no entry here.
+_LESSON_MODULES = {m.name for m in pkgutil.iter_modules(__path__)} - {"cli"}
 
 __all__ = [
-    "MODELS", "available_memory", "checks", "count_parameters", "decode_roofline", "default_model_name",
-    "errors", "kv_cache_bytes_per_token", "llama2_config", "load_model", "memory_estimate",
-    "parameter_breakdown", "setup", "solutions", *sorted(_LESSON_MODULES),
+    "MODELS", "available_memory", "best_seconds", "count_parameters", "decode_roofline", "default_model_name",
+    "kv_cache_bytes_per_token", "llama2_config", "load_model", "memory_estimate", "parameter_breakdown",
+    "setup", "show", *sorted(_LESSON_MODULES),
 ]
 
 
@@ -38,3 +40,8 @@ def __getattr__(name: str):
     if name in _LESSON_MODULES:
         return importlib.import_module(f"llama_lab.{name}")
     raise AttributeError(f"module 'llama_lab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """What `lab.<Tab>` offers: the public names and the lesson modules not loaded yet."""
+    return sorted(set(globals()) | set(__all__))

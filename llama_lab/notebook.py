@@ -1,9 +1,13 @@
-"""What every notebook calls first: fixed seeds, quiet logs, one plot style."""
+"""What the notebooks call besides the lessons: `setup` first (fixed seeds, quiet logs, one
+plot style), `show` to print a library function's code, `best_seconds` to time a call."""
 
 from __future__ import annotations
 
+import inspect
 import random
+import time
 import warnings
+from collections.abc import Callable
 
 import matplotlib as mpl
 import numpy as np
@@ -29,3 +33,29 @@ def setup(seed: int = 0) -> None:
     warnings.filterwarnings("ignore", module="transformers")
     mpl.rcParams.update({"figure.figsize": (7, 3.5), "figure.dpi": 80, "axes.grid": True,
                          "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False})
+
+
+def show(obj: Callable | type) -> None:
+    """Print the source code of a function or class of llama_lab, as the lesson reads it.
+
+    >>> show(show)  # doctest: +ELLIPSIS
+    def show(obj: Callable | type) -> None:
+    ...
+    """
+    print(inspect.getsource(obj))
+
+
+def best_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Best time of `fn()` over a few runs, after one warm-up run: on a busy laptop timings jump
+    around, and the best run is the least disturbed one.
+
+    >>> best_seconds(lambda: sum(range(1000))) < 1
+    True
+    """
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)

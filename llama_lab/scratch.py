@@ -197,6 +197,16 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
+    def crop(self, length: int) -> None:
+        """Forget every position from `length` on, like transformers' `DynamicCache.crop`: the next
+        tokens go there (to time one decode step again, or to take back a drafted token). Nothing
+        is erased: attention reads only the first `length` positions, and new keys overwrite the rest.
+        """
+        if not 0 <= length <= self.length:
+            raise InvalidSettingError(f"crop({length}) is invalid: the cache holds {self.length} tokens, "
+                                      f"so keep between 0 and {self.length} of them.")
+        self.length = length
+
 
 class Llama(nn.Module):
     """Token embedding, n_layers TransformerBlocks, a final RMSNorm, the output projection to logits."""

@@ -119,6 +119,21 @@ def test_cached_decoding_equals_full_forward(name):
 
 
 @torch.no_grad()
+def test_a_cropped_cache_decodes_as_if_the_dropped_tokens_never_came():
+    model = scratch.from_hf(random_llama("gqa3-tied"))
+    ids, detour = random_ids(model, seq=6), random_ids(model, seq=3, seed=5)
+    cache = model.new_cache(batch_size=2, max_len=10)
+    model(ids[:, :4], cache=cache)
+    model(detour, cache=cache)  # three tokens to take back
+    cache.crop(4)
+    assert cache.length == 4
+    torch.testing.assert_close(model(ids[:, 4:], cache=cache), model(ids)[:, 4:], atol=1e-5, rtol=1e-5)
+    for length in (-1, 7):
+        with pytest.raises(InvalidSettingError, match="holds 6 tokens"):
+            cache.crop(length)
+
+
+@torch.no_grad()
 def test_cache_matches_transformers_keys():
     hf_model = random_llama("gqa3-tied")
     model = scratch.from_hf(hf_model)
