@@ -70,7 +70,7 @@ def _machine_rows() -> tuple[list[str], float, float | None]:
 
     ram = available_memory("cpu")
     rows = [_row(None, "CPU cores", str(os.cpu_count())),
-            _row(ram >= SMALL_TRACK_BYTES, "free RAM", f"{ram / 1e9:.1f} GB")]
+            _row(ram >= SMALL_TRACK_BYTES, "free RAM", f"{ram / 1e9:.1f} GB{_memory_limit_note()}")]
     vram = None
     if torch.cuda.is_available():
         vram = available_memory("cuda")
@@ -78,6 +78,18 @@ def _machine_rows() -> tuple[list[str], float, float | None]:
     else:
         rows.append(_row(None, "GPU", "none (torch sees no CUDA device)"))
     return rows + [_compiler_row()], ram, vram
+
+
+def _memory_limit_note() -> str:
+    """Which limit bounds the free RAM, when it is not the machine's own (a container, Binder)."""
+    from llama_lab.models import memory_limits
+
+    limits = memory_limits()
+    tightest = min(limits, key=lambda limit: limit.free)
+    if tightest.source == "system RAM":
+        return ""
+    return (f"  (bounded by {tightest.source}: a limit of {tightest.limit / 1e9:.1f} GB; "
+            f"the machine itself has {limits[0].free / 1e9:.1f} GB free)")
 
 
 def _compiler_row() -> str:

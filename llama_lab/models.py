@@ -19,6 +19,7 @@ Three kinds of model:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -26,6 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import psutil
 import torch
@@ -98,8 +100,17 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def _cgroup_free_bytes() -> int | None:
-    """Memory left under the container's limit (cgroup v2, then v1), if there is one."""
+@dataclass(frozen=True)
+class MemoryLimit:
+    """One bound on the RAM this process can use: where it comes from, its size and what is left under it."""
+
+    source: str  # "system RAM", "cgroup (<file>)" or "MEM_LIMIT"
+    limit: int  # bytes
+    free: int  # bytes
+
+
+def _cgroup_limit() -> MemoryLimit | None:
+    """The container's memory limit (cgroup v2, then v1), if there is one."""
     for limit_file, usage_file in [("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                                    ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
                                     "/sys/fs/cgroup/memory/memory.usage_in_bytes")]:
@@ -109,20 +120,26 @@ def _cgroup_free_bytes() -> int | None:
         except (OSError, ValueError):
             continue
         if limit != "max" and int(limit) < 2**60:
-            return max(int(limit) - usage, 0)
+            return MemoryLimit(f"cgroup ({limit_file})", int(limit), max(int(limit) - usage, 0))
     return None
 
 
+def memory_limits() -> list[MemoryLimit]:
+    """Every bound on this process's RAM: what the OS reports, the container's cgroup limit and
+    `$MEM_LIMIT` (Binder sets it): inside a container psutil sees the host's memory, not the container's."""
+    system = psutil.virtual_memory()
+    limits = [MemoryLimit("system RAM", system.total, system.available), _cgroup_limit()]
+    if os.environ.get("MEM_LIMIT", "").isdigit():
+        limit = int(os.environ["MEM_LIMIT"])
+        limits.append(MemoryLimit("MEM_LIMIT", limit, limit - psutil.Process().memory_info().rss))
+    return [limit for limit in limits if limit is not None]
+
+
 def available_memory(device: str = "cpu") -> int:
-    """Bytes free on `device`. For the CPU, the smallest of what the OS reports,
-    the container's cgroup limit and `$MEM_LIMIT` (Binder sets it): inside a
-    container psutil sees the host's memory, not the container's."""
+    """Bytes free on `device`; for the CPU, under the tightest of `memory_limits()`."""
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
-    candidates = [psutil.virtual_memory().available, _cgroup_free_bytes()]
-    if os.environ.get("MEM_LIMIT", "").isdigit():
-        candidates.append(int(os.environ["MEM_LIMIT"]) - psutil.Process().memory_info().rss)
-    return min(c for c in candidates if c is not None)
+    return min(limit.free for limit in memory_limits())
 
 
 def cache_dir() -> Path:
@@ -193,9 +210,15 @@ def _load_smollm2(attn_implementation: str | None):
 
 
 def _load_gguf(gguf: Path, attn_implementation: str | None):
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                 attn_implementation=attn_implementation)
+    # transformers draws its own tqdm bar while it converts ("Converting and de-quantizing GGUF
+    # tensors..."), which its progress-bar switch does not reach: no bar in the doctor's screen,
+    # no frozen widget in a stored notebook.
+    with mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True)):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     attn_implementation=attn_implementation)
     # The weights are plain float32 now: forget the GGUF quantizer so the model saves like any other.
     model.hf_quantizer = None
     del model.config.quantization_config

@@ -47,6 +47,20 @@ def test_doctor_flags_low_memory(monkeypatch, capsys):
     assert "free some memory" in capsys.readouterr().out
 
 
+def test_doctor_names_the_memory_limit_and_where_it_comes_from(monkeypatch, capsys):
+    monkeypatch.setenv("MEM_LIMIT", str(2 * 1024**3))  # as Binder sets it
+    cli.main(["doctor"])
+    assert "bounded by MEM_LIMIT: a limit of 2.1 GB" in capsys.readouterr().out
+
+
+def test_doctor_converting_the_model_draws_no_progress_bar(tmp_path):
+    result = run_cli("doctor", env={"LLAMA_LAB_CACHE": str(tmp_path)})  # empty: the first load converts
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "smollm2-135m").is_dir()
+    screen = result.stdout + result.stderr
+    assert "Converting and de-quantizing" not in screen and "%|" not in screen, screen
+
+
 def test_doctor_reports_an_outdated_package(monkeypatch, capsys):
     real = cli._version
     monkeypatch.setattr(cli, "_version", lambda p: "4.0.0" if p == "transformers" else real(p))

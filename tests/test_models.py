@@ -200,5 +200,5 @@ def test_available_memory_takes_the_smallest_limit(monkeypatch):
     monkeypatch.setenv("MEM_LIMIT", str(2 * 1024**3))
     assert models.available_memory("cpu") <= 2 * 1024**3
     monkeypatch.delenv("MEM_LIMIT")
-    monkeypatch.setattr(models, "_cgroup_free_bytes", lambda: 123)
+    monkeypatch.setattr(models, "_cgroup_limit", lambda: models.MemoryLimit("cgroup (memory.max)", 1000, 123))
     assert models.available_memory("cpu") == 123
