@@ -134,8 +134,7 @@ def _breakdown(config_json: str) -> tuple[tuple[str, int], ...]:
     groups = Counter()
     seen = set()
     for name, p in meta_model(config).named_parameters(remove_duplicate=False):
-        if id(p) in seen:  # a tied lm_head shares the embedding's tensor
-            groups["lm_head"] += 0
+        if id(p) in seen:  # a tied lm_head shares the embedding's tensor: counted once, as the embedding
             continue
         seen.add(id(p))
         if "embed_tokens" in name:
