@@ -65,16 +65,16 @@ class Limits:
     """What one server accepts. Pass any of these to `create_app` as keywords."""
 
     max_tokens: int = 512  # the most new tokens a request may ask for
-    default_max_tokens: int = 128  # when a request does not say
+    default_max_tokens: int = 128  # when a request does not say (never above max_tokens)
     max_body_bytes: int = 64 * 1024  # request bodies above this get 413
     max_waiting: int = 4  # requests that may wait while one generates; more get 503
     wait_timeout_s: float = 60.0  # a waiting request gives up after this long (503)
     retry_after_s: int = 2  # what a 503 tells the client to wait before trying again
 
     def __post_init__(self):
-        if not 1 <= self.default_max_tokens <= self.max_tokens:
-            raise InvalidSettingError(f"default_max_tokens={self.default_max_tokens} must be between 1 "
-                                      f"and max_tokens={self.max_tokens}.")
+        if self.max_tokens < 1 or self.default_max_tokens < 1:
+            raise InvalidSettingError("max_tokens and default_max_tokens must be >= 1 "
+                                      f"(got {self.max_tokens}, {self.default_max_tokens}).")
         if self.max_body_bytes < 1 or self.max_waiting < 0 or self.wait_timeout_s < 0:
             raise InvalidSettingError(
                 "max_body_bytes must be >= 1, max_waiting and wait_timeout_s >= 0 "
@@ -237,17 +237,16 @@ def _stop_strings(body: dict) -> list[str]:
 def _max_tokens(body: dict, limits: Limits, prompt_tokens: int, context: int, param: str) -> int:
     name = "max_tokens" if "max_tokens" in body else "max_completion_tokens"  # the newer name
     asked = _field(body, name, "integer")
-    if asked is None:
-        asked = min(limits.default_max_tokens, context - prompt_tokens)
-    if not 1 <= asked <= limits.max_tokens:
-        raise APIError(400, f"max_tokens={asked} is out of range: ask for 1 to {limits.max_tokens} new "
-                            "tokens.", param=name, code="invalid_value")
-    if prompt_tokens + asked > context:
-        raise APIError(400, f"This model's context holds {context} tokens; the prompt has {prompt_tokens} "
-                            f"and max_tokens asks for {asked} more. Shorten the prompt or lower max_tokens "
-                            f"to at most {max(context - prompt_tokens, 0)}.",
+    room = context - prompt_tokens  # new tokens the context has room for
+    if asked is not None and not 1 <= asked <= limits.max_tokens:
+        raise APIError(400, f"{name}={asked} is out of range: ask for 1 to {limits.max_tokens} new tokens.",
+                       param=name, code="invalid_value")
+    if room < max(asked or 1, 1):
+        raise APIError(400, f"This model's context holds {context} tokens; the prompt has {prompt_tokens}"
+                            + (f" and {name} asks for {asked} more" if asked else "")
+                            + f". Shorten the prompt{f' or lower {name} to {room}' if room > 0 else ''}.",
                        param=param, code="context_length_exceeded")
-    return asked
+    return asked or min(limits.default_max_tokens, limits.max_tokens, room)
 
 
 def check_messages(body: dict, tokenizer) -> list[dict]:
@@ -695,8 +694,14 @@ class BackgroundServer:
         from waitress import wasyncore
 
         self._server.task_dispatcher.shutdown(timeout=timeout)
-        wasyncore.close_all(self._server._map)
+        # Close the sockets from the server's own thread, between two polls (from this thread,
+        # its poll could meet a closed socket); with none left, its loop ends.
+        self._server.trigger.pull_trigger(lambda: wasyncore.close_all(self._server._map))
         self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def __enter__(self) -> BackgroundServer:
         return self
