@@ -15,7 +15,8 @@ import pytest
 import requests
 import torch
 
-from llama_lab import guard, load_model, sampling, serve
+from llama_lab import checks, guard, load_model, sampling, serve, sizing, solutions
+from llama_lab.checks import nb07_serving as nb07
 
 KEY = "sk-llama-lab-test-8c1f0e"
 TIMEOUT = 60  # seconds any one request may take here before the test fails
@@ -433,3 +434,52 @@ def test_llama_lab_serve_starts_a_server_on_loopback(tmp_path):
     printed = "".join(lines) + process.stdout.read()
     assert f'OpenAI(base_url="{url}/v1", api_key=os.environ["{serve.API_KEY_ENV}"])' in printed
     assert "GET /v1/models 401" in printed and KEY not in printed
+
+
+# --- the exercises of notebook 07 -----------------------------------------------------------------
+
+def test_the_body_exercise_agrees_with_the_server(tiny):
+    client = serve.create_app(*tiny, max_tokens=256).test_client()
+    for name, body in nb07.BODIES.items():
+        status = client.post("/predict", json=body).status_code
+        assert (status == 200) == (solutions.predict_body_error(body, 256) is None), (name, status)
+
+
+def test_check_predict_body(verdicts):
+    def no_bool_check(body, cap):
+        ok = isinstance(body, dict) and isinstance(body.get("text"), str) and body["text"]
+        n = body.get("max_tokens", 1) if ok else None
+        return None if ok and isinstance(n, int) and 1 <= n <= cap else "bad body"
+
+    verdicts(checks.check_predict_body, solutions.predict_body_error,
+             (lambda body, cap: None, "a bad body was accepted"),
+             (no_bool_check, "isinstance(value, bool) before"),
+             (lambda body, cap: None if isinstance(body, dict) and "max_tokens" in body else "bad",
+              "'max_tokens' is optional"))
+
+
+def test_users_that_fit_matches_memory_estimate():
+    c = sizing.llama2_config("13b")
+    estimate = sizing.memory_estimate(c, "bf16", context_len=4096)
+    left = 80 * 10**9 - estimate.weights
+    assert solutions.users_that_fit(c, "bf16", 80 * 10**9, 4096) == left // estimate.kv_cache == 16
+
+
+def test_check_users_that_fit(verdicts):
+    def no_weights(c, dtype, gpu, n):
+        return gpu // (sizing.kv_cache_bytes_per_token(c, dtype) * n)
+
+    def negative(c, dtype, gpu, n):
+        return (gpu - sizing.weight_bytes(c, dtype)) // (sizing.kv_cache_bytes_per_token(c, dtype) * n)
+
+    verdicts(checks.check_users_that_fit, solutions.users_that_fit,
+             (no_weights, "the weights take their share first"),
+             (negative, "the answer is 0"),
+             (lambda *args: solutions.users_that_fit(*args) + 1, "round down"))
+
+
+def test_check_guard_rule(verdicts):
+    verdicts(checks.check_guard_rule, solutions.guard_rule,
+             (lambda text, role: "refused", "refuses more safe prompts"),
+             (lambda text, role: None, "lets more unsafe prompts through"),
+             (guard.keyword_guard, "harmless context"))
