@@ -1,5 +1,5 @@
 """The `llama-lab` command: `doctor` checks a machine, `lab` opens the notebooks,
-`generate` answers a prompt from the terminal."""
+`generate` answers a prompt from the terminal, `pack` writes an offline room's wheels to a folder."""
 
 from __future__ import annotations
 
@@ -207,6 +207,25 @@ def generate(prompt: str, model_name: str | None, max_new_tokens: int) -> int:
     return 0
 
 
+def pack(folder: Path, platform_tag: str | None, python_version: str | None, only_deps: list[str] | None,
+         torch_from: str) -> int:
+    """Write an offline pack (`llama_lab.pack`) and print the commands that install from it."""
+    from llama_lab import pack as packing
+    from llama_lab.errors import PackError
+
+    target = packing.Target(platform_tag, python_version)
+    print(f"Packing llama-lab for {target} into {folder} (a full pack downloads about 1 GB) ...", flush=True)
+    try:
+        result = packing.pack(folder.resolve(), target, only_deps, torch_from)
+    except PackError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(f"{len(result.wheels)} wheels, the notebooks and a README in {result.folder}.\n"
+          "On a laptop with no network, in a fresh virtual environment:\n")
+    print("\n".join(f"  {command}" for command in result.install_commands()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -222,8 +241,20 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="a model name (default: $LLAMA_LAB_MODEL or smollm2-135m)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
+    pck = sub.add_parser("pack", help="write the wheels, the model and the notebooks to a folder for "
+                                      "rooms without network (a USB stick)")
+    pck.add_argument("dir", type=Path)
+    pck.add_argument("--platform", default=None,
+                     help="the target's pip platform tag (default this machine's), e.g. "
+                          "manylinux_2_28_x86_64, macosx_11_0_arm64, win_amd64")
+    pck.add_argument("--python-version", default=None,
+                     help="the target's Python, e.g. 3.12 (default this one)")
+    pck.add_argument("--only-deps", nargs="*", default=None, metavar="NAME",
+                     help="pack only these dependencies, for machines that have the rest (default all)")
+    pck.add_argument("--torch-from", default="https://download.pytorch.org/whl/cpu",
+                     help="the index (or a folder of wheels) for torch's CPU build")
     args, extra = parser.parse_known_args(argv)
-    if args.command != "lab":
+    if args.command not in ("lab", "pack"):
         from llama_lab.notebook import setup
 
         setup()  # quiet logs, no progress bars, fixed seeds
@@ -231,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         return doctor()
     if args.command == "lab":
         return lab(args.dir, args.fresh, extra)
+    if args.command == "pack":
+        return pack(args.dir, args.platform, args.python_version, args.only_deps, args.torch_from)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return generate(args.prompt, args.model, args.max_new_tokens)

@@ -81,3 +81,7 @@ class UnknownExerciseError(UnknownNameError):
     """An exercise name that no lesson declares (in `solutions.show`, `solutions.hint`)."""
 
     kind = "exercise"
+
+
+class PackError(LlamaLabError, RuntimeError):
+    """`llama-lab pack` could not fetch or build a wheel (the message carries pip's own lines)."""
