@@ -164,7 +164,8 @@ def load_model(name: str | None = None, *, device: str = "auto", dtype: str | to
     device: "auto" (CUDA when there is one), "cpu", "cuda", ...
     dtype: float dtype of the weights; default float32 for the small models,
         bfloat16 (float16 on GPUs without bf16) for Llama 2.
-    quantize: "nf4" (4-bit) or "int8", Llama 2 on a CUDA GPU only (bitsandbytes).
+    quantize: "nf4" (4-bit) or "int8", with bitsandbytes (on a CPU too, from bitsandbytes 0.48);
+        the rest of the model computes in `dtype`, default bfloat16.
     attn_implementation: "eager" to get attention maps, "sdpa" (default) for speed.
     """
     spec = get_spec(name or default_model_name())
@@ -172,13 +173,26 @@ def load_model(name: str | None = None, *, device: str = "auto", dtype: str | to
     if spec.hub_id:
         model, tokenizer = _load_llama2(spec, device, dtype, quantize, attn_implementation)
     else:
-        if quantize:
-            raise QuantizationError(f"quantize={quantize!r}: quantization is for the Llama 2 models on "
-                                    f"a GPU; {spec.name} is small enough to run unquantized.")
         loader = _load_tiny_random if spec.name == "tiny-random" else _load_smollm2
-        model, tokenizer = loader(attn_implementation)
-        model.to(device=device, dtype=_torch_dtype(dtype or "fp32"))
+        if quantize:
+            quantized = _quantized_kwargs(quantize, device, dtype or "bf16")
+            model, tokenizer = loader(attn_implementation, **quantized)
+        else:
+            model, tokenizer = loader(attn_implementation)
+            model.to(device=device, dtype=_torch_dtype(dtype or "fp32"))
+    if quantize and device == "cpu":
+        _generic_4bit_kernel_where_needed(model)
     return model.eval(), tokenizer
+
+
+def _generic_4bit_kernel_where_needed(model) -> None:
+    """bitsandbytes' AVX-512 kernel for 4-bit products on a CPU needs out_features divisible by 32 and
+    in_features by 64 (else the first forward pass without gradients fails as it repacks the weight):
+    other layers (the tiny model's MLP, 176 wide) take its generic path."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False) and (module.out_features % 32
+                                                                       or module.in_features % 64):
+            module.support_avx512bf16_for_cpu = False
 
 
 # --- smollm2-135m -------------------------------------------------------------------------------
@@ -195,17 +209,23 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
-def _load_smollm2(attn_implementation: str | None):
+def _load_smollm2(attn_implementation: str | None, **quantized):
+    """`quantized`: from_pretrained's quantization arguments, applied to the converted copy."""
     gguf = smollm2_gguf_path()
     stamp = {"gguf": gguf.name, "bytes": gguf.stat().st_size}
     converted = cache_dir() / "smollm2-135m"
     if _read_stamp(converted) != stamp:
         model, tokenizer = _load_gguf(gguf, attn_implementation)
         _save_converted(model, tokenizer, converted, stamp)  # next time: a second, not twenty
-        return model, tokenizer
+        if not quantized:
+            return model, tokenizer
+        if _read_stamp(converted) != stamp:
+            raise QuantizationError(f"quantize needs a converted copy of smollm2-135m, which could not be "
+                                    f"written to {converted}: set LLAMA_LAB_CACHE to a writable folder.")
+        del model
     tokenizer = AutoTokenizer.from_pretrained(converted)
-    model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32,
-                                                 attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(converted, attn_implementation=attn_implementation,
+                                                 **({"dtype": torch.float32} | quantized))
     return model, tokenizer
 
 
@@ -286,12 +306,19 @@ def tiny_config(vocab_size: int = 259) -> LlamaConfig:
                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
-def _load_tiny_random(attn_implementation: str | None, seed: int = 0):
+def _load_tiny_random(attn_implementation: str | None, seed: int = 0, **quantized):
+    """`quantized`: from_pretrained's quantization arguments (bitsandbytes quantizes while
+    loading, so the model is saved to a temporary folder and loaded again through it)."""
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's random state
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_config(len(tokenizer)))
-    if attn_implementation:
+    if quantized:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            model = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation=attn_implementation,
+                                                         **quantized)
+    elif attn_implementation:
         model.set_attn_implementation(attn_implementation)
     return model, tokenizer
 
@@ -302,11 +329,12 @@ def _default_gpu_dtype() -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
 
 
-def memory_needed(spec: ModelSpec, weights: str) -> int:
-    """Bytes to load `spec` with `weights` ("bf16", "nf4", ...): weights + a full KV cache + headroom."""
+def memory_needed(spec: ModelSpec, weights: str, context_len: int | None = None) -> int:
+    """Bytes to load `spec` with `weights` ("bf16", "nf4", ...): weights + a KV cache of
+    `context_len` tokens (default: the full context) + headroom."""
     config = sizing.llama2_config(spec.size)
-    estimate = sizing.memory_estimate(config, weights, context_len=config.max_position_embeddings)
-    return estimate.total + HEADROOM_BYTES
+    context_len = config.max_position_embeddings if context_len is None else context_len
+    return sizing.memory_estimate(config, weights, context_len=context_len).total + HEADROOM_BYTES
 
 
 def _fit_advice(spec: ModelSpec, device: str, available: int) -> str:
@@ -366,32 +394,38 @@ def check_access(spec: ModelSpec) -> None:
         )) from None
 
 
-def _quantization_config(quantize: str, compute_dtype: torch.dtype):
+def _quantize_name(quantize: str) -> str:
+    name = sizing.dtype_name(quantize)
+    if name not in sizing.QUANTIZED:
+        raise QuantizationError(f"quantize={quantize!r}: use 'nf4' (4-bit) or 'int8'.")
+    return name
+
+
+def _quantized_kwargs(quantize: str, device: str, dtype: str | torch.dtype) -> dict:
+    """from_pretrained's arguments that make bitsandbytes quantize the linear layers while loading
+    (NF4 with double quantization, or int8); the rest of the model computes in `dtype`."""
     from transformers import BitsAndBytesConfig
 
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise QuantizationError("quantize needs bitsandbytes: pip install 'llama-lab[gpu]'")
-    if quantize == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+    from llama_lab.quantize import import_bitsandbytes
+
+    import_bitsandbytes(device)  # a clear error when it is missing or too old, and quiet
+    compute_dtype = _torch_dtype(dtype)
+    if _quantize_name(quantize) == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+    return dict(dtype=compute_dtype, quantization_config=config, device_map={"": device})
 
 
 def _load_llama2(spec: ModelSpec, device: str, dtype, quantize: str | None, attn_implementation):
-    if quantize is not None:
-        quantize = sizing.dtype_name(quantize)
-        if quantize not in sizing.QUANTIZED:
-            raise QuantizationError(f"quantize={quantize!r}: use 'nf4' (4-bit) or 'int8'.")
-        if not device.startswith("cuda"):
-            raise QuantizationError(f"quantize={quantize!r} needs a CUDA GPU (bitsandbytes); this "
-                                    f"machine has none. Use Colab's free T4, or the small model.")
     compute_dtype = _torch_dtype(dtype or (_default_gpu_dtype() if device.startswith("cuda") else "bf16"))
-    check_fits(spec, device, quantize or sizing.dtype_name(compute_dtype))
+    kwargs = dict(dtype=compute_dtype, device_map={"": device})
+    if quantize is not None:
+        kwargs = _quantized_kwargs(quantize, device, compute_dtype)
+    check_fits(spec, device, _quantize_name(quantize) if quantize else sizing.dtype_name(compute_dtype))
     check_access(spec)
-    kwargs = dict(dtype=compute_dtype, attn_implementation=attn_implementation,
-                  device_map={"": device})
-    if quantize:
-        kwargs["quantization_config"] = _quantization_config(quantize, compute_dtype)
-    model = AutoModelForCausalLM.from_pretrained(spec.hub_id, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(spec.hub_id, attn_implementation=attn_implementation,
+                                                 **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(spec.hub_id)
     return model, tokenizer
