@@ -12,6 +12,7 @@ use, so `import llama_lab` stays quick: `lab.tokenization`, `lab.chat`, `lab.att
 import importlib
 import pkgutil
 
+from llama_lab.hardware import choose_track, pick_track
 from llama_lab.models import MODELS, available_memory, default_model_name, load_model
 from llama_lab.notebook import best_seconds, setup, show
 from llama_lab.sizing import (
@@ -29,7 +30,8 @@ __version__ = "0.1.0"
 _LESSON_MODULES = {m.name for m in pkgutil.iter_modules(__path__)} - {"cli"}
 
 __all__ = [
-    "MODELS", "available_memory", "best_seconds", "count_parameters", "decode_roofline", "default_model_name",
+    "MODELS", "available_memory", "best_seconds", "choose_track", "count_parameters", "decode_roofline",
+    "default_model_name", "pick_track",
     "kv_cache_bytes_per_token", "llama2_config", "load_model", "memory_estimate", "parameter_breakdown",
     "setup", "show", *sorted(_LESSON_MODULES),
 ]

@@ -16,9 +16,6 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 SHOWN_PACKAGES = ["torch", "transformers", "accelerate", "peft", "gguf", "ipywidgets", "jupyterlab"]
-SMALL_TRACK_BYTES = 1_500_000_000  # the small model, a notebook's work, and the kernel
-
-
 def _tested_ranges() -> dict[str, SpecifierSet]:
     """The version ranges this install of llama-lab declares (from its own metadata)."""
     try:
@@ -63,21 +60,21 @@ def _software_rows() -> tuple[list[str], list[str]]:
     return rows, fixes
 
 
-def _machine_rows() -> tuple[list[str], float, float | None]:
+def _machine_rows() -> tuple[list[str], float]:
     import torch
 
+    from llama_lab.hardware import SMALL_TRACK_BYTES
     from llama_lab.models import available_memory
 
     ram = available_memory("cpu")
     rows = [_row(None, "CPU cores", str(os.cpu_count())),
             _row(ram >= SMALL_TRACK_BYTES, "free RAM", f"{ram / 1e9:.1f} GB{_memory_limit_note()}")]
-    vram = None
     if torch.cuda.is_available():
         vram = available_memory("cuda")
         rows.append(_row(None, "GPU", f"{torch.cuda.get_device_name(0)}, {vram / 1e9:.1f} GB free"))
     else:
         rows.append(_row(None, "GPU", "none (torch sees no CUDA device)"))
-    return rows + [_compiler_row()], ram, vram
+    return rows + [_compiler_row()], ram
 
 
 def _memory_limit_note() -> str:
@@ -132,33 +129,31 @@ def _token_row() -> str:
                 "none (needed only for the Llama 2 models: hf auth login)")
 
 
-def _track_rows(ram: float, vram: float | None, model_ok: bool) -> list[str]:
-    from llama_lab.models import MODELS, memory_needed
+def _track_rows(ram: float, model_ok: bool) -> list[str]:
+    """The small model's row, then the track `hardware.pick_track` chooses for Llama-2-13B, and why."""
+    from llama_lab.hardware import SMALL_TRACK_BYTES, pick_track
 
-    spec = MODELS["llama-2-13b"]
-    yes_no = ("yes", "no")
-    rows = [_row(model_ok and ram >= SMALL_TRACK_BYTES, "small model on CPU",
-                 f"notebooks 00-05 (needs ~{SMALL_TRACK_BYTES / 1e9:.1f} GB RAM)", yes_no)]
-    for label, weights in [("13B in 4-bit (GPU)", "nf4"), ("13B in bf16 (GPU)", "bf16")]:
-        need = memory_needed(spec, weights)
-        fits = vram is not None and vram >= need
-        rows.append(_row(fits, label, f"needs a CUDA GPU with {need / 1e9:.1f} GB free", yes_no))
-    return rows
+    track = pick_track()
+    return [_row(model_ok and ram >= SMALL_TRACK_BYTES, "small model on CPU",
+                 f"every notebook's CPU part (needs ~{SMALL_TRACK_BYTES / 1e9:.1f} GB RAM)", ("yes", "no")),
+            _row(track.fits, "13B track", str(track), ("ok", "no"))]
 
 
 def doctor() -> int:
     """Print one screen about this machine; 0 when the default (small model) track works."""
+    from llama_lab.hardware import SMALL_TRACK_BYTES
+
     print("llama-lab doctor: paste this screen when you ask for help.\n\nSoftware")
     soft_rows, fixes = _software_rows()
     print("\n".join(soft_rows))
     print("\nMachine")
-    machine_rows, ram, vram = _machine_rows()
+    machine_rows, ram = _machine_rows()
     print("\n".join(machine_rows))
     print("\nModels")
     model_rows, model_fixes = _model_rows()
     print("\n".join(model_rows + [_token_row()]))
     print("\nTracks")
-    print("\n".join(_track_rows(ram, vram, not model_fixes)))
+    print("\n".join(_track_rows(ram, not model_fixes)))
     fixes += model_fixes
     if ram < SMALL_TRACK_BYTES:
         fixes.append(f"free some memory: the notebooks need ~{SMALL_TRACK_BYTES / 1e9:.1f} GB, "

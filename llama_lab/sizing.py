@@ -225,6 +225,21 @@ def bytes_read_per_token(config: LlamaConfig, dtype: str | torch.dtype = "bf16",
     return weights + kv_cache_bytes_per_token(config, dtype) * context_len
 
 
+# Peak memory bandwidth of common GPUs in GB/s, as their makers' spec sheets give it: the ceiling
+# of `decode_roofline`, which no kernel reaches (a good one reads at 80-90 % of it).
+GPU_BANDWIDTH_GB_S = {
+    "T4": 320,          # NVIDIA T4 datasheet: 16 GB GDDR6, 320+ GB/s (Colab's free GPU)
+    "L4": 300,          # NVIDIA L4 datasheet: 24 GB GDDR6, 300 GB/s
+    "A10G": 600,        # NVIDIA A10 datasheet: 24 GB GDDR6, 600 GB/s (AWS's A10G, in G5 instances, alike)
+    "RTX 4090": 1008,   # NVIDIA GeForce RTX 4090 specifications: 24 GB GDDR6X, 384-bit at 21 Gbps = 1008 GB/s
+    "A100 40GB": 1555,  # NVIDIA A100 datasheet: 40 GB HBM2, 1,555 GB/s (PCIe and SXM)
+    "A100 80GB": 2039,  # NVIDIA A100 datasheet: 80 GB HBM2e, 2,039 GB/s (SXM; the PCIe card: 1,935)
+    "H100 PCIe": 2000,  # NVIDIA H100 datasheet: 80 GB HBM2e, 2 TB/s
+    "H100 SXM": 3350,   # NVIDIA H100 datasheet: 80 GB HBM3, 3.35 TB/s
+    "H200": 4800,       # NVIDIA H200 datasheet: 141 GB HBM3e, 4.8 TB/s
+}
+
+
 def decode_roofline(config: LlamaConfig, dtype: str | torch.dtype, bandwidth_gb_s: float,
                     context_len: int = 0) -> float:
     """Upper bound on batch-1 decode speed in tokens/s: decoding one token reads

@@ -25,7 +25,7 @@ def test_doctor_passes_here_fast_and_hides_the_token():
     out = result.stdout
     for needle in ["Python", "torch", "transformers", "CPU cores", "free RAM", "GPU", "C++ compiler",
                    "model smollm2-135m", "Hugging Face token", "present", "small model on CPU",
-                   "13B in 4-bit", "Ready"]:
+                   "13B track", "small-cpu: no CUDA GPU", "Ready"]:
         assert needle in out, needle
     assert token not in out + result.stderr
     assert "Loading weights" not in result.stderr  # no progress bars on the pasted screen
