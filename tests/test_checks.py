@@ -3,6 +3,7 @@ and the notebook-00 exercises."""
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ def square(x):  # the solution of a made-up exercise, for the machinery's tests
 @pytest.fixture(autouse=True)
 def first_try(monkeypatch):
     """Every test starts the hint ladder from the bottom, with the made-up exercise declared."""
-    monkeypatch.setattr(checks, "_misses", checks.Counter())
+    monkeypatch.setattr(checks, "_misses", Counter())
     monkeypatch.setitem(solutions._HINTS, "square", solutions.Hints("multiply the number by itself",
                                                                    "return x * x"))
 
