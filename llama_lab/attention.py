@@ -331,10 +331,27 @@ def _bertviz_attention(maps: AttentionMaps, n_heads: int) -> list:
     return per_layer
 
 
+BERTVIZ_OFFLINE = ("bertviz shows nothing here: it loads its scripts (require.js, d3, jQuery) from "
+                   "cdnjs.cloudflare.com, and this browser cannot reach it. It needs the internet; "
+                   "attention.attention_viewer(maps) shows the same maps with no network.")
+
+# Shown at the top of bertviz's page when one of its scripts fails to load, or nothing is drawn after 15 s.
+_BERTVIZ_OFFLINE_NOTE = f"""
+<p class="llama-lab-bertviz-offline" hidden style="font-family: sans-serif; color: #a00">{BERTVIZ_OFFLINE}</p>
+<script>
+(function () {{
+  const note = document.currentScript.previousElementSibling, show = () => {{ note.hidden = false; }};
+  addEventListener("error", e => {{ if (e.target.tagName === "SCRIPT") show(); }}, true);
+  setTimeout(() => {{ if (!document.querySelector("#vis *")) show(); }}, 15000);  // bertviz drew nothing
+}})();
+</script>"""
+
+
 def bertviz_view(maps: AttentionMaps, view: str = "head", height: int | None = None) -> HTML:
     """bertviz's `head_view` or `model_view` of `maps`, inside an iframe.
 
-    bertviz loads require.js, d3 and jQuery from a CDN, so it needs the network.
+    bertviz loads require.js, d3 and jQuery from a CDN, so it needs the network:
+    offline, the page says so (`BERTVIZ_OFFLINE`) instead of an empty box.
     The iframe's `srcdoc` runs its scripts in order, which avoids JupyterLab's
     "require is not defined" race on a first Run All.
     """
@@ -354,5 +371,6 @@ def bertviz_view(maps: AttentionMaps, view: str = "head", height: int | None = N
         height = height or round(60 + max(len(maps.layers) * (n * 84 / n_heads + 10), n * 18 + 55))
     else:
         raise InvalidSettingError(f"view={view!r}: use 'head' or 'model'.")
-    return HTML(f'<div><iframe class="llama-lab-bertviz" srcdoc="{html.escape(page.data, quote=True)}" '
+    page = _BERTVIZ_OFFLINE_NOTE + page.data
+    return HTML(f'<div><iframe class="llama-lab-bertviz" srcdoc="{html.escape(page, quote=True)}" '
                 f'style="width:100%;height:{height}px;border:0"></iframe></div>')

@@ -361,8 +361,9 @@ def tokens_html(tokenizer: Any, text: str, show_ids: bool = True) -> str:
     for k, (i, piece) in enumerate(pieces):
         label = f"<sub style='color: #666'>{i}</sub>" if show_ids else ""
         spans.append(f'<span title="id {i}" style="background: {TOKEN_COLOURS[k % len(TOKEN_COLOURS)]}; '
-                     f'padding: 2px 1px; margin: 1px; border-radius: 3px; white-space: pre">'
+                     f'padding: 2px 1px; margin: 1px; border-radius: 3px; white-space: pre-wrap">'
                      f"{html.escape(show_bytes(piece))}{label}</span>")
     counts = (f"<p>{len(pieces)} tokens · {len(text)} characters · {len(text.encode('utf-8'))} bytes · "
               f"{len(text.split())} words</p>")
-    return f'<div style="font-family: monospace; line-height: 2.4">{"".join(spans)}</div>{counts}'
+    row = "display: flex; flex-wrap: wrap; align-items: baseline; overflow-wrap: anywhere"  # wraps in its box
+    return f'<div style="font-family: monospace; line-height: 2.4; {row}">{"".join(spans)}</div>{counts}'
