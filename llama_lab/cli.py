@@ -1,5 +1,6 @@
 """The `llama-lab` command: `doctor` checks a machine, `lab` opens the notebooks,
-`generate` answers a prompt from the terminal, `pack` writes an offline room's wheels to a folder."""
+`generate` answers a prompt from the terminal, `pack` writes an offline room's wheels to a folder,
+`solutions` the solved notebooks for instructors."""
 
 from __future__ import annotations
 
@@ -221,6 +222,20 @@ def pack(folder: Path, platform_tag: str | None, python_version: str | None, onl
     return 0
 
 
+def solutions(folder: Path, run: bool) -> int:
+    """Write every notebook with its exercises solved (`llama_lab.solved`), run them, report."""
+    from llama_lab import launch, solved
+
+    print(f"Writing the solved notebooks to {folder}" + (" and running them (a few minutes each) ..." if run
+                                                          else " (not run)"), flush=True)
+    report = solved.write_solved(launch.shipped_notebooks(), folder.resolve(), run)
+    failed = [name for name, (n, lines) in report.items() if run and not solved.passed(n, lines)]
+    for name, (n, lines) in report.items():
+        verdict = ("all passed" if name not in failed else "FAILED: " + "; ".join(lines)) if run else "written"
+        print(f"  {name}: {n} exercises, {verdict}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,8 +263,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="pack only these dependencies, for machines that have the rest (default all)")
     pck.add_argument("--torch-from", default="https://download.pytorch.org/whl/cpu",
                      help="the index (or a folder of wheels) for torch's CPU build")
+    sol = sub.add_parser("solutions", help="for instructors: write every notebook with its exercises solved, "
+                                           "and run the copies")
+    sol.add_argument("dir", type=Path)
+    sol.add_argument("--no-run", action="store_true", help="write the copies without running them")
     args, extra = parser.parse_known_args(argv)
-    if args.command not in ("lab", "pack"):
+    if args.command not in ("lab", "pack", "solutions"):
         from llama_lab.notebook import setup
 
         setup()  # quiet logs, no progress bars, fixed seeds
@@ -259,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return lab(args.dir, args.fresh, extra)
     if args.command == "pack":
         return pack(args.dir, args.platform, args.python_version, args.only_deps, args.torch_from)
+    if args.command == "solutions":
+        return solutions(args.dir, not args.no_run)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return generate(args.prompt, args.model, args.max_new_tokens)
