@@ -7,7 +7,7 @@ import zipfile
 import pytest
 
 from llama_lab import cli, launch
-from tests.clone import build_wheel
+from tests.fresh import build_wheel
 
 SHIPPED = sorted(p.name for p in launch.shipped_notebooks().glob("*.ipynb"))
 
