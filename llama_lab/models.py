@@ -390,7 +390,9 @@ def check_access(spec: ModelSpec) -> None:
             return  # downloaded before: from_pretrained will use the local copy
         raise ModelAccessError(_access_message(
             spec, f"the Hub cannot be reached ({type(err).__name__}; HF_HUB_OFFLINE="
-                  f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}) and the model is not in the local cache."
+                  f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}) and the model is not in the local cache. "
+                  "Online, behind a proxy: set HTTPS_PROXY=http://PROXY:PORT (and REQUESTS_CA_BUNDLE if it "
+                  "re-signs TLS); `curl -I https://huggingface.co` tests the way out."
         )) from None
 
 
