@@ -61,6 +61,19 @@ def _software_rows() -> tuple[list[str], list[str]]:
     return rows, fixes
 
 
+def _notebooks_row() -> tuple[str, list[str]]:
+    """The notebooks this install carries (a wheel's copy, or a clone's notebooks/)."""
+    from llama_lab import launch
+
+    source = launch.shipped_notebooks()
+    found = sorted(source.glob("*.ipynb"))
+    if not found:
+        return _row(False, "notebooks", f"none in {source}"), [
+            "reinstall llama-lab (README: Start): this install carries no notebooks"]
+    return _row(True, "notebooks", f"{len(found)}, from {found[0].name} to {found[-1].name} "
+                f"(`llama-lab lab` opens copies in {launch.default_folder()})"), []
+
+
 def _machine_rows() -> tuple[list[str], float]:
     import torch
 
@@ -146,7 +159,9 @@ def doctor() -> int:
 
     print("llama-lab doctor: paste this screen when you ask for help.\n\nSoftware")
     soft_rows, fixes = _software_rows()
-    print("\n".join(soft_rows))
+    notebooks_row, notebooks_fixes = _notebooks_row()
+    print("\n".join([*soft_rows, notebooks_row]))
+    fixes += notebooks_fixes
     print("\nMachine")
     machine_rows, ram = _machine_rows()
     print("\n".join(machine_rows))

@@ -1,8 +1,11 @@
-"""A clean copy of this clone, and a wheel built from it, for the tests that install llama-lab afresh."""
+"""Fresh copies of this clone, wheels built from it and new virtual environments, for the tests that
+install llama-lab the way a learner or Binder does."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +35,42 @@ def build_wheel(dest: Path) -> Path:
     shutil.rmtree(source)
     [wheel] = dest.glob("llama_lab-*.whl")
     return wheel
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pytorch_index_reachable() -> bool:
+    try:
+        socket.getaddrinfo("download.pytorch.org", 443)
+        return True
+    except OSError:
+        return False
+
+
+def new_venv(path: Path, home: Path | None = None) -> dict[str, str]:
+    """A fresh virtual environment at `path` (with an up-to-date pip); returns the environment
+    variables of a shell in which it is activated (and, with `home`, a new user's home folder).
+
+    On a machine that cannot reach download.pytorch.org (this project's CI), pip is told not to
+    retry it (PIP_RETRIES=0): the CPU torch wheel comes from pip's local find-links instead
+    (.ci/run says so). The user's pip configuration and cache are kept when `home` changes.
+    """
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(VIRTUAL_ENV=str(path), PATH=f"{path / 'bin'}{os.pathsep}{env['PATH']}",
+               PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_PROGRESS_BAR="off")
+    if not pytorch_index_reachable():
+        env["PIP_RETRIES"] = "0"
+    if home is not None:
+        user_config = Path.home() / ".config" / "pip" / "pip.conf"
+        if user_config.exists() and "PIP_CONFIG_FILE" not in env:
+            env["PIP_CONFIG_FILE"] = str(user_config)
+        env.setdefault("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))
+        env["HOME"] = str(home)
+    subprocess.run(["pip", "install", "-q", "--upgrade", "pip"], check=True, env=env)
+    return env

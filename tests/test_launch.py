@@ -69,3 +69,12 @@ def test_root_alone_in_a_container_starts_with_allow_root(as_root, monkeypatch, 
     assert as_root[0][-1] == "--allow-root" and "--allow-root" in capsys.readouterr().out
     monkeypatch.setattr(launch, "other_users_running", lambda: True)
     assert cli.main(["lab", "--dir", str(tmp_path)]) == 1  # someone else is on this machine
+
+
+def test_doctor_shows_the_notebooks_and_says_when_there_are_none(monkeypatch, tmp_path, capsys):
+    assert cli.main(["doctor"]) == 0
+    assert f"[ok  ] notebooks                {len(SHIPPED)}, from {SHIPPED[0]}" in capsys.readouterr().out
+    monkeypatch.setattr(launch, "shipped_notebooks", lambda: tmp_path)
+    assert cli.main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] notebooks" in out and "this install carries no notebooks" in out
