@@ -21,11 +21,29 @@ import torch
 
 from llama_lab import sampling, tokenization
 
+
+class Panel(widgets.VBox):
+    """A VBox whose text form says what it is. A notebook stores that text beside the widget, and
+    JupyterLab shows it where no kernel drives the widget (a notebook opened, untrusted, before it
+    runs), instead of `VBox(children=(...`.
+
+    >>> Panel([], "Token explorer")
+    [Token explorer: an interactive widget. Run the notebook's cells from the top to use it.]
+    """
+
+    def __init__(self, children, name: str):
+        super().__init__(children)
+        self._name = name
+
+    def __repr__(self) -> str:
+        return f"[{self._name}: an interactive widget. Run the notebook's cells from the top to use it.]"
+
+
 # --- token explorer (notebook 01) ----------------------------------------------------------------
 
 
 def token_explorer(tokenizers: dict[str, Any], text: str = "Llamas 🦙 don't tokenize 12,345 words alike.",
-                   ) -> widgets.VBox:
+                   ) -> Panel:
     """Type text, pick a tokenizer, see its coloured tokens with their ids, and what every
     tokenizer would count for the same text.
 
@@ -44,7 +62,7 @@ def token_explorer(tokenizers: dict[str, Any], text: str = "Llamas 🦙 don't to
     choice.observe(render, names="value")
     box.observe(render, names="value")
     render()
-    return widgets.VBox([choice, box, view, counts])
+    return Panel([choice, box, view, counts], "Token explorer")
 
 
 # --- sampling playground (notebook 04) ----------------------------------------------------------
@@ -70,9 +88,9 @@ class SamplingPlayground:
         self.output = widgets.Textarea(layout=widgets.Layout(width="95%", height="120px"),
                                        description="output", style=style)
         self.button.on_click(lambda _: self.run())
-        self.widget = widgets.VBox([self.prompt, widgets.HBox([self.temperature, self.top_k]),
-                                    widgets.HBox([self.top_p, self.max_tokens]),
-                                    widgets.HBox([self.seed, self.button]), self.output])
+        self.widget = Panel([self.prompt, widgets.HBox([self.temperature, self.top_k]),
+                             widgets.HBox([self.top_p, self.max_tokens]),
+                             widgets.HBox([self.seed, self.button]), self.output], "Sampling playground")
 
     def run(self) -> str:
         """Generate from the prompt with the sliders' settings, streaming into the output box."""
