@@ -54,6 +54,7 @@ ROUTES = ("POST /v1/chat/completions", "POST /v1/completions", "POST /predict", 
           "GET /health")
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 4  # as in OpenAI's API
+WAITRESS_BODY_LIMIT = 16 * 2**20  # bodies above this get waitress' own (plain-text) 413
 
 # guard(text, role) -> None to let the text through, or the reason to refuse it. role is "user"
 # for what the client sent, "assistant" for what the model wrote.
@@ -241,11 +242,11 @@ def _max_tokens(body: dict, limits: Limits, prompt_tokens: int, context: int, pa
     if asked is not None and not 1 <= asked <= limits.max_tokens:
         raise APIError(400, f"{name}={asked} is out of range: ask for 1 to {limits.max_tokens} new tokens.",
                        param=name, code="invalid_value")
-    if room < max(asked or 1, 1):
+    if room < (asked or 1):
+        asks = f" and {name} asks for {asked} more" if asked else ""
+        fix = f" or lower {name} to {room}" if room > 0 else ""
         raise APIError(400, f"This model's context holds {context} tokens; the prompt has {prompt_tokens}"
-                            + (f" and {name} asks for {asked} more" if asked else "")
-                            + f". Shorten the prompt{f' or lower {name} to {room}' if room > 0 else ''}.",
-                       param=param, code="context_length_exceeded")
+                            f"{asks}. Shorten the prompt{fix}.", param=param, code="context_length_exceeded")
     return asked or min(limits.default_max_tokens, limits.max_tokens, room)
 
 
@@ -303,6 +304,11 @@ def _held_back(text: str, stops: list[str]) -> int:
                 if text.endswith(s[:k])), default=0)
 
 
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first stop string in `text` begins, if one is there."""
+    return min((text.index(s) for s in stops if s in text), default=None)
+
+
 class Generation:
     """The text of one continuation, piece by piece as it is produced, cut before the first stop
     string. Once iterated: `completion_tokens`, and `finish_reason` ("stop": an end-of-turn token
@@ -323,9 +329,8 @@ class Generation:
             if int(token) in eos:
                 self.finish_reason = "stop"
             pending += decoder.add(int(token))
-            if cut := self._cut(pending, stops):
-                pending = pending[:cut[0]]
-                self.finish_reason = "stop"
+            if (cut := _first_stop(pending, stops)) is not None:
+                pending, self.finish_reason = pending[:cut], "stop"
                 break
             keep = _held_back(pending, stops)
             if len(pending) > keep:
@@ -333,20 +338,16 @@ class Generation:
                 pending = pending[len(pending) - keep:]
         else:
             pending += decoder.flush()
-            if cut := self._cut(pending, stops):
-                pending, self.finish_reason = pending[:cut[0]], "stop"
+            if (cut := _first_stop(pending, stops)) is not None:
+                pending, self.finish_reason = pending[:cut], "stop"
         tokens.close()  # a stop string ends generation early
         if pending:
             yield pending
 
-    @staticmethod
-    def _cut(text: str, stops: list[str]) -> list[int]:
-        return sorted(text.index(s) for s in stops if s in text)
-
     def _eos_ids(self) -> set[int]:
         """The model's end-of-sequence ids and the tokenizer's (a chat model's end of turn)."""
         ids = set()
-        model_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        model_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         for value in (model_eos, self.tokenizer.eos_token_id):
             ids.update(value if isinstance(value, list) else [] if value is None else [value])
         return ids
@@ -646,9 +647,11 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 
 
 def client_snippet(url: str, model_name: str, api_key: bool) -> str:
-    """Python to paste into a client: the official openai package, pointed at this server."""
+    """Python to paste into a client: the official openai package, pointed at this server
+    (the key, when there is one, read from the environment, never printed)."""
+    imports = "import os\nfrom openai import OpenAI\n" if api_key else "from openai import OpenAI\n"
     key = f'os.environ["{API_KEY_ENV}"]' if api_key else '"unused"'
-    return (f"import os\nfrom openai import OpenAI\n\nclient = OpenAI(base_url=\"{url}/v1\", api_key={key})\n"
+    return (f"{imports}\nclient = OpenAI(base_url=\"{url}/v1\", api_key={key})\n"
             f"reply = client.chat.completions.create(model=\"{model_name}\", max_tokens=64,\n"
             "    messages=[{\"role\": \"user\", \"content\": \"What is the capital of France?\"}])\n"
             "print(reply.choices[0].message.content)")
@@ -666,10 +669,11 @@ def make_server(app: flask.Flask, host: str = "127.0.0.1", port: int = 8000):
     from waitress.server import create_server
 
     limits = app.extensions["llama_lab"].limits
-    # waitress reads the whole body before the app sees it: bound that too, above the app's cap so
-    # that the app's JSON 413 is what clients normally get.
+    # waitress reads the whole body before the app sees it (past 512 KB into a temporary file, not
+    # memory): bound that too, far above the app's cap, so that clients get the app's JSON 413.
+    body_limit = max(WAITRESS_BODY_LIMIT, 4 * limits.max_body_bytes)
     return create_server(app, host=host, port=port, threads=server_threads(limits),
-                         max_request_body_size=4 * limits.max_body_bytes, ident="llama-lab")
+                         max_request_body_size=body_limit, ident="llama-lab")
 
 
 class BackgroundServer:

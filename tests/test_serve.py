@@ -210,6 +210,7 @@ BAD_REQUESTS = [  # (name, method, path, requests keywords, status, param)
      dict(json={"prompt": "a" * 500, "max_tokens": 20}), 400, "prompt"),
     ("unknown model", "POST", CHAT, chat(model="gpt-4"), 404, "model"),
     ("body over the size cap", "POST", "/predict", dict(json={"text": "a" * 70_000}), 413, None),
+    ("a body of 10 MB", "POST", "/predict", dict(json={"text": "a" * 10_000_000}), 413, None),
     ("wrong method", "GET", CHAT, {}, 405, None),
     ("unknown path", "POST", "/v2/predict", dict(json={"text": "Hi"}), 404, None),
 ]
