@@ -1,6 +1,6 @@
 """The `llama-lab` command: `doctor` checks a machine, `lab` opens the notebooks,
-`generate` answers a prompt from the terminal, `pack` writes an offline room's wheels to a folder,
-`solutions` the solved notebooks for instructors."""
+`generate` answers a prompt from the terminal, `serve` answers over HTTP, `pack` writes an offline
+room's wheels to a folder, `solutions` the solved notebooks for instructors."""
 
 from __future__ import annotations
 
@@ -218,6 +218,39 @@ def generate(prompt: str, model_name: str | None, max_new_tokens: int) -> int:
     return 0
 
 
+def serve(model_name: str | None, host: str, port: int, api_key: str | None) -> int:
+    """Serve a model with the OpenAI-compatible API of `llama_lab.serve` on waitress, until Ctrl+C."""
+    import logging
+
+    from llama_lab import serve as serving
+    from llama_lab.errors import LlamaLabError
+    from llama_lab.models import default_model_name, load_model
+
+    name = model_name or default_model_name()
+    try:
+        model, tokenizer = load_model(name)
+    except LlamaLabError as err:
+        print(err, file=sys.stderr)
+        return 1
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    server = serving.make_server(serving.create_app(model, tokenizer, model_name=name, api_key=api_key),
+                                 host, port)
+    if warning := serving.exposure_warning(host, api_key):
+        print(warning, file=sys.stderr)
+    local = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+    url = f"http://{local}:{server.effective_port}"
+    key = f" It needs the API key (from ${serving.API_KEY_ENV} or --api-key)." if api_key else ""
+    print(f"Serving {name} on {url} (OpenAI-compatible API at {url}/v1).{key} Ctrl+C stops it.\n\n"
+          f"Paste into Python:\n\n{serving.client_snippet(url, name, api_key=bool(api_key))}\n", flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
 def pack(folder: Path, platform_tag: str | None, python_version: str | None, only_deps: list[str] | None,
          torch_from: str) -> int:
     """Write an offline pack (`llama_lab.pack`) and print the commands that install from it."""
@@ -266,6 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="a model name (default: $LLAMA_LAB_MODEL or smollm2-135m)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
+    srv = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible API and /predict)")
+    srv.add_argument("--model", default=None, help="a model name (default: $LLAMA_LAB_MODEL or smollm2-135m)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    srv.add_argument("--api-key", default=os.environ.get("LLAMA_LAB_API_KEY"),
+                     help="require this key from clients (default: $LLAMA_LAB_API_KEY; prefer the variable: "
+                          "a key on the command line shows in `ps` and in the shell's history)")
     pck = sub.add_parser("pack", help="write the wheels, the model and the notebooks to a folder for "
                                       "rooms without network (a USB stick)")
     pck.add_argument("dir", type=Path)
@@ -297,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         return solutions(args.dir, not args.no_run)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "serve":
+        return serve(args.model, args.host, args.port, args.api_key)
     return generate(args.prompt, args.model, args.max_new_tokens)
 
 
