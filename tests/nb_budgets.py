@@ -1,9 +1,9 @@
-"""Measured budgets of the notebooks: a pytest plugin for the nbval run, and the script that
-writes the figures into the README table and the notebook headers.
+"""Measured budgets of the notebooks: a pytest plugin for the nbval run.
 
 During `pytest --nbval`, for every notebook whose cells all run, the plugin records
 
-* the wall time from the kernel's start to the end of the last cell (reported, never asserted);
+* the wall time from the kernel's start to the end of the last cell (reported, never asserted), and
+  the CPU time the kernel and its finished children used (what a shared server must provide);
 * the kernel's peak memory: the high-water mark of its resident set (`VmHWM` in
   /proc/PID/status; where there is no /proc, the largest resident set sampled every 0.2 s);
 * the largest resident set of the processes the kernel starts (summed over those alive at one
@@ -11,10 +11,8 @@ During `pytest --nbval`, for every notebook whose cells all run, the plugin reco
 
 writes them to `notebooks/budgets.json` with the machine and the date, and fails the
 notebook's last cell when the kernel's peak is above `LIMIT_BYTES` (1.5 GB = 1.5e9 bytes,
-1.40 GiB: Binder's 2 GiB must also hold the Jupyter server).
-
-    python tests/nb_budgets.py          # write README.md's table and each notebook's header from the file
-    python tests/nb_budgets.py --check  # exit 1 when they disagree with the file
+1.40 GiB: Binder's 2 GiB must also hold the Jupyter server). `tests/budget_docs.py` writes the
+recorded figures into the README, the notebook headers and the docs.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ import json
 import os
 import platform
 import re
-import sys
 import threading
 import time
 from pathlib import Path
@@ -34,7 +31,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = ROOT / "notebooks" / "budgets.json"
-README = ROOT / "README.md"
 LIMIT_BYTES = 1_500_000_000
 SAMPLE_SECONDS = 0.2
 
@@ -86,7 +82,9 @@ class KernelWatch:
         self._done.set()
         self._thread.join()
         hwm = _vm_hwm(self.process.pid)
+        cpu = self.process.cpu_times()
         return {"seconds": round(time.perf_counter() - self.start, 1),
+                "cpu_seconds": round(cpu.user + cpu.system + cpu.children_user + cpu.children_system, 1),
                 "kernel_peak_bytes": hwm if hwm is not None else self.sampled_peak,
                 "kernel_peak_source": "VmHWM" if hwm is not None else f"rss sampled every {SAMPLE_SECONDS} s",
                 "children_peak_bytes": self.children_peak}
@@ -121,6 +119,32 @@ def pytest_addoption(parser):
 
 def _is_cell(item) -> bool:
     return type(item).__name__ == "IPyNbCell"
+
+
+def duration(seconds: float) -> str:
+    """Seconds as the README writes them.
+
+    >>> duration(17.4), duration(80.2), duration(120), duration(9000)
+    ('17 s', '1 min 20 s', '2 min', '2 h 30 min')
+    """
+    minutes, rest = divmod(round(seconds), 60)
+    if minutes >= 60:
+        return f"{minutes // 60} h {minutes % 60} min"
+    return f"{rest} s" if not minutes else f"{minutes} min" + (f" {rest} s" if rest else "")
+
+
+def gigabytes(n: float) -> str:
+    """Bytes in GB (1e9 bytes), as the README writes them.
+
+    >>> gigabytes(1_234_567_890)
+    '1.23 GB'
+    """
+    return f"{n / 1e9:.2f} GB"
+
+
+def load() -> dict[str, dict]:
+    """The recorded figures, by notebook file name."""
+    return json.loads(BUDGETS.read_text())["notebooks"]
 
 
 class Budgets:
@@ -194,114 +218,3 @@ class Budgets:
 def pytest_configure(config):
     if config.getoption("--nbval", default=False) or config.getoption("--nbval-lax", default=False):
         config.pluginmanager.register(Budgets(config), "nb-budgets")
-
-
-# --- the README table and the notebook headers ---------------------------------------------------
-
-def duration(seconds: float) -> str:
-    """Seconds as the README writes them.
-
-    >>> duration(17.4), duration(80.2), duration(120)
-    ('17 s', '1 min 20 s', '2 min')
-    """
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{rest} s" if not minutes else f"{minutes} min" + (f" {rest} s" if rest else "")
-
-
-def gigabytes(n: float) -> str:
-    """Bytes in GB (1e9 bytes), as the README writes them.
-
-    >>> gigabytes(1_234_567_890)
-    '1.23 GB'
-    """
-    return f"{n / 1e9:.2f} GB"
-
-
-def load() -> dict[str, dict]:
-    return json.loads(BUDGETS.read_text())["notebooks"]
-
-
-def short_machine(entry: dict) -> str:
-    """'a 2-core Intel Xeon ... CPU, no GPU' from the recorded machine line."""
-    cpu, cores, _ram, gpu = entry["machine"].split(", ")[:4]
-    return f"a {cores.split()[0]}-core {cpu} ({gpu})"
-
-
-def header_line(entry: dict) -> str:
-    return (f"**Measured:** runs in {duration(entry['seconds'])} with a kernel peak of "
-            f"{gigabytes(entry['kernel_peak_bytes'])}, on {short_machine(entry)}, {entry['date']} "
-            "(`notebooks/budgets.json`).")
-
-
-def table_cells(entry: dict) -> tuple[str, str]:
-    return duration(entry["seconds"]), gigabytes(entry["kernel_peak_bytes"])
-
-
-def readme_rows(text: str) -> dict[str, list[str]]:
-    """The cells of the README's notebook table, by notebook file name."""
-    rows = {}
-    for line in text.splitlines():
-        match = re.search(r"\]\(notebooks/(\d\d_\w+\.ipynb)\)", line)
-        if line.startswith("|") and match:
-            rows[match.group(1)] = [c.strip() for c in line.strip("|").split("|")]
-    return rows
-
-
-TIME_COLUMN, MEMORY_COLUMN = 2, 3  # | # | topic | time to run | peak memory | ...
-
-
-def synced_readme(text: str, budgets: dict[str, dict]) -> str:
-    lines = []
-    for line in text.splitlines(keepends=True):
-        match = re.search(r"\]\(notebooks/(\d\d_\w+\.ipynb)\)", line)
-        if line.startswith("|") and match and match.group(1) in budgets:
-            cells = line.rstrip("\n").strip("|").split("|")
-            time_cell, memory_cell = table_cells(budgets[match.group(1)])
-            cells[TIME_COLUMN], cells[MEMORY_COLUMN] = f" {time_cell} ", f" {memory_cell} "
-            line = "|" + "|".join(cells) + "|\n"
-        lines.append(line)
-    return "".join(lines)
-
-
-def synced_header(source: str, entry: dict) -> str:
-    """The first markdown cell with its `**Measured:**` line replaced (or added after `**Time:**`)."""
-    measured = re.compile(r"^\*\*Measured:\*\*.*$", re.MULTILINE)
-    if measured.search(source):
-        return measured.sub(lambda _: header_line(entry), source, count=1)
-    time_line = re.compile(r"^(\*\*Time:\*\*.*)$", re.MULTILINE)
-    return time_line.sub(lambda m: m.group(1) + "\n" + header_line(entry), source, count=1)
-
-
-def sync(check: bool = False) -> list[str]:
-    """Write the README table and the notebook headers from the budgets file (or, with
-    `check`, only list what disagrees). Returns the files that changed or would change."""
-    import nbformat
-
-    budgets, changed = load(), []
-    text = README.read_text()
-    if synced_readme(text, budgets) != text:
-        changed.append("README.md")
-        if not check:
-            README.write_text(synced_readme(text, budgets))
-    for name, entry in budgets.items():
-        path = ROOT / "notebooks" / name
-        if not path.exists():
-            continue
-        nb = nbformat.read(path, as_version=4)
-        first = nb.cells[0]
-        new = synced_header(first.source, entry)
-        if new != first.source:
-            changed.append(f"notebooks/{name}")
-            if not check:
-                first.source = new
-                nbformat.write(nb, path)
-    return changed
-
-
-if __name__ == "__main__":
-    check = "--check" in sys.argv[1:]
-    changed = sync(check)
-    verb = "disagree with" if check else "written from"
-    print("\n".join(f"{name} {verb} notebooks/budgets.json" for name in changed)
-          or "README.md and the notebook headers agree with notebooks/budgets.json")
-    sys.exit(1 if check and changed else 0)
