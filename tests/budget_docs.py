@@ -129,7 +129,17 @@ def budget_table(budgets: dict) -> str:
                     f"{facts['exercises']} |")
     machines = sorted({short_machine(e) for e in budgets.values()})
     return "\n".join(rows) + (f"\n\nMeasured by the test run on {', '.join(machines)}; "
-                              f"the budget is {gigabytes(LIMIT_BYTES)} per kernel.")
+                              f"the budget is {gigabytes(LIMIT_BYTES)} per kernel.{load_note(budgets)}")
+
+
+def load_note(budgets: dict) -> str:
+    """A warning when the figures were measured on a busy machine (times then run long)."""
+    busiest = max(budgets.values(), key=lambda e: e.get("load_average_1min", 0))
+    load, cores = busiest.get("load_average_1min", 0), int(busiest["machine"].split(", ")[1].split()[0])
+    if load <= cores:
+        return ""
+    return (f" Some were measured on a busy machine (load average up to {load:g} on {cores} cores): their "
+            "times are several times what a quiet machine takes; re-run `pytest notebooks` on a quiet one.")
 
 
 def goals_block(_budgets: dict) -> str:
@@ -213,7 +223,7 @@ def sizing_block(budgets: dict) -> str:
         f"- **CPU per learner: guarantee 0.5, limit 2.** A notebook computes only while its cells run: "
         f"{s['slowest']}, the heaviest in CPU, uses {round(s['cpu_seconds'])} CPU-seconds for a Run All "
         f"({duration(budgets[s['slowest']]['seconds'])} of wall time here). Readers between cells cost "
-        "nothing; a room that runs the same cell together shares the cores:", "", *cpu])
+        f"nothing; a room that runs the same cell together shares the cores:{load_note(budgets)}", "", *cpu])
 
 
 def _gb(value: float) -> str:
