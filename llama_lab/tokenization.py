@@ -3,7 +3,8 @@
 Three tokenizers, from the inside out:
 
 * `BPE`: byte-pair encoding written from scratch (minbpe style) on UTF-8 bytes,
-  checked merge for merge against the `tokenizers` library (`library_bpe`).
+  checked merge for merge against the `tokenizers` library (`library_bpe`);
+  `BPE.from_tokenizer` loads SmolLM2's real merges into it, and it gives the real ids.
 * `train_sentencepiece`: Llama 2's recipe (`LLAMA2_SPM_SETTINGS`) with
   `sentencepiece`, on a small corpus; `to_transformers` wraps it like
   meta-llama's own `tokenizer.json`.
@@ -39,6 +40,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode, generate_merges
 
 from llama_lab import chat
+from llama_lab.errors import InvalidSettingError
 
 # The training text: 64 sections of "The Python Language Reference" as shipped inside CPython 3.11
 # (the stdlib module pydoc_data.topics, the topics up to 8,000 characters each, in alphabetical
@@ -102,14 +104,22 @@ def _tie_break_key(pair: tuple[int, int]) -> tuple[int, int]:
 
 
 class BPE:
-    """A byte-level BPE tokenizer: ids 0-255 are the bytes, id 256 + k the k-th merge."""
+    """A byte-level BPE tokenizer. Trained here (`train`): ids 0-255 are the bytes, id 256 + k the
+    k-th merge. Loaded from a real tokenizer (`from_tokenizer`): its own ids and special tokens."""
 
-    def __init__(self, merges: dict[tuple[int, int], int], pattern: str = GPT2_SPLIT_PATTERN):
+    def __init__(self, merges: dict[tuple[int, int], int], pattern: str = GPT2_SPLIT_PATTERN,
+                 byte_ids: list[int | None] | None = None, special_tokens: dict[str, int] | None = None):
         self.merges = merges  # (id, id) -> new id, in the order they were learnt
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}  # earlier merges apply first
+        self.byte_ids = list(range(256)) if byte_ids is None else byte_ids  # byte -> id (None: no token)
+        self.special_tokens = special_tokens or {}  # text -> id, matched before anything else
         self.pattern = regex.compile(pattern)
-        self.vocab = {i: bytes([i]) for i in range(256)}
+        self.vocab = {i: bytes([b]) for b, i in enumerate(self.byte_ids) if i is not None}
         for (a, b), idx in merges.items():
             self.vocab[idx] = self.vocab[a] + self.vocab[b]
+        self.vocab.update({idx: text.encode("utf-8") for text, idx in self.special_tokens.items()})
+        longest_first = "|".join(map(regex.escape, sorted(self.special_tokens, key=len, reverse=True)))
+        self._special = regex.compile(f"({longest_first})") if self.special_tokens else None
 
     def __len__(self) -> int:
         return len(self.vocab)
@@ -138,17 +148,49 @@ class BPE:
             merges[pair] = idx
         return cls(merges, pattern)
 
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> BPE:
+        """The merges, byte ids and special tokens of a real byte-level BPE (a transformers tokenizer
+        such as SmolLM2's, or a `tokenizers.Tokenizer`), in this class: `encode` then gives exactly
+        the real tokenizer's ids (minbpe's proof that the few lines here are the production algorithm).
+
+        A byte the vocabulary lacks (SmolLM2 has no token for 21 of the 256, most never found in
+        UTF-8 text) is dropped, as the real tokenizer drops it.
+        """
+        spec = json.loads(getattr(tokenizer, "backend_tokenizer", tokenizer).to_str())
+        model, pre = spec["model"], spec["pre_tokenizer"] or {}
+        if model["type"] != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex") \
+                or spec["normalizer"] is not None:
+            raise InvalidSettingError(
+                "from_tokenizer reads byte-level BPE tokenizers with GPT-2's split pattern (GPT-2, SmolLM2); "
+                f"this one has a {model['type']} model, pre-tokenizer {pre.get('type')} and normalizer "
+                f"{(spec['normalizer'] or {}).get('type')}. Use the tokenizer itself.")
+        vocab = model["vocab"]
+        pairs = (m.split(" ") if isinstance(m, str) else m for m in model["merges"])  # both file layouts
+        merges = {(vocab[a], vocab[b]): vocab[a + b] for a, b in pairs}
+        byte_ids = [vocab.get(BYTE_TO_CHAR[b]) for b in range(256)]
+        special = {token["content"]: token["id"] for token in spec["added_tokens"]}
+        return cls(merges, GPT2_SPLIT_PATTERN, byte_ids, special)
+
     def encode(self, text: str) -> list[int]:
-        """Text -> ids: split into chunks, then in each apply the learnt merges, earliest first."""
+        """Text -> ids: special tokens first, each one id; between them, split into chunks by the
+        pattern, then in each chunk apply the merges, earliest first."""
         ids = []
-        for chunk in self.pattern.findall(text):
-            chunk_ids = list(chunk.encode("utf-8"))
-            while len(chunk_ids) >= 2:
-                pair = min(get_stats(chunk_ids), key=lambda p: self.merges.get(p, float("inf")))
-                if pair not in self.merges:
-                    break  # nothing left to merge
-                chunk_ids = merge(chunk_ids, pair, self.merges[pair])
-            ids.extend(chunk_ids)
+        for part in self._special.split(text) if self._special else [text]:
+            if part in self.special_tokens:
+                ids.append(self.special_tokens[part])
+                continue
+            for chunk in self.pattern.findall(part):
+                ids.extend(self._merge_chunk([self.byte_ids[b] for b in chunk.encode("utf-8")
+                                              if self.byte_ids[b] is not None]))
+        return ids
+
+    def _merge_chunk(self, ids: list[int]) -> list[int]:
+        while len(ids) >= 2:
+            pair = min(get_stats(ids), key=lambda p: self.ranks.get(p, float("inf")))
+            if pair not in self.ranks:
+                break  # nothing left to merge
+            ids = merge(ids, pair, self.merges[pair])
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -332,6 +374,15 @@ SAMPLES = {
         "    variance = sum((x - mean) ** 2 for x in values) / n\n"
         "    return mean, variance\n"),
 }
+
+
+# A bit of everything a real tokenizer meets, to compare two tokenizers on: English, Portuguese,
+# code with indentation, emoji (one is four bytes, the family one 25), numbers, runs of spaces.
+MIXED_TEXT = (
+    "The llama 🦙 carries 12 kg for 3.5 hours; a lhama não bebe água durante horas!\n"
+    "def area(r: float) -> float:\n    return 3.14159 * r ** 2  # 👨‍👩‍👧 it's 2024\n"
+    "  Preços: R$ 1.234,56  vs  $99.99...\t\n\n"
+)
 
 
 def count_tokens(tokenizer: Any, text: str) -> int:

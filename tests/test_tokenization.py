@@ -97,6 +97,52 @@ def test_decode_replaces_a_broken_character(bpe):
     assert bpe.decode(llama) == "🦙" and bpe.decode(llama[:1]) == "\ufffd"
 
 
+# --- the real merges: SmolLM2's tokenizer in the from-scratch BPE ---------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    return models.load_model("smollm2-135m")[1]
+
+
+@pytest.fixture(scope="module")
+def real_bpe(smollm2_tokenizer):
+    return tokenization.BPE.from_tokenizer(smollm2_tokenizer)
+
+
+def test_real_merges_give_the_real_ids_special_tokens_included(smollm2_tokenizer, real_bpe):
+    chat_text = smollm2_tokenizer.apply_chat_template(
+        [{"role": "user", "content": tokenization.MIXED_TEXT}], tokenize=False, add_generation_prompt=True)
+    for text in (tokenization.MIXED_TEXT, chat_text, *tokenization.SAMPLES.values()):
+        ids = smollm2_tokenizer(text)["input_ids"]
+        assert real_bpe.encode(text) == ids
+        assert real_bpe.decode(ids) == text
+    assert real_bpe.encode("<|im_start|>")[0] == smollm2_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert len(real_bpe) == len(smollm2_tokenizer)
+
+
+def test_the_split_pattern_is_the_real_pre_tokenizer(smollm2_tokenizer, real_bpe):
+    pre = smollm2_tokenizer.backend_tokenizer.pre_tokenizer
+    chunks = [text for text, _ in pre.pre_tokenize_str(tokenization.MIXED_TEXT)]
+    assert [tokenization.show_bytes(bytes(tokenization.CHAR_TO_BYTE[c] for c in chunk)) for chunk in chunks] \
+        == [tokenization.show_bytes(c.encode()) for c in real_bpe.pattern.findall(tokenization.MIXED_TEXT)]
+
+
+@FIXTURES
+@given(ASSIGNED_TEXT)
+def test_real_merges_agree_on_any_text(smollm2_tokenizer, real_bpe, text):
+    assert real_bpe.encode(text) == smollm2_tokenizer(text)["input_ids"]
+
+
+def test_bytes_without_a_token_are_dropped_like_the_real_tokenizer(smollm2_tokenizer, real_bpe):
+    assert real_bpe.byte_ids[0x04] is None
+    assert real_bpe.encode("a\x04b") == smollm2_tokenizer("a\x04b")["input_ids"]
+
+
+def test_from_tokenizer_refuses_a_sentencepiece_tokenizer(llama_style):
+    with pytest.raises(tokenization.InvalidSettingError, match="byte-level BPE"):
+        tokenization.BPE.from_tokenizer(llama_style)
+
+
 # --- Llama 2's SentencePiece recipe ----------------------------------------------------------------
 
 def test_trained_model_has_the_llama2_settings(sp):
