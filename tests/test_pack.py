@@ -39,6 +39,16 @@ def test_target_pip_arguments():
     assert pack.Target("manylinux_2_28_x86_64").pip_args().count("--platform") == 27
 
 
+def test_a_pack_for_windows_gets_what_windows_needs(tmp_path):
+    target = pack.Target("win_amd64", "3.12")
+    args = pack.download_args(tmp_path, target)
+    pack.pip("download", *args, PACKED_DEPENDENCY)
+    assert [r.name for r in pack.missing_requirements(tmp_path, target.environment())] == ["colorama"]
+    pack.complete(tmp_path, target, args)  # pip evaluated tqdm's markers for this Linux machine
+    assert "colorama" in {p.name.split("-")[0] for p in tmp_path.glob("*.whl")}
+    assert pack.missing_requirements(tmp_path, target.environment()) == []
+
+
 @pytest.fixture(scope="module")
 def small_pack(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pack")
