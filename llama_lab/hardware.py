@@ -97,6 +97,26 @@ def choose_track(gpu_free_bytes: int | None, cpu_free_bytes: int, *, bf16: bool 
     return Track("small-cpu", SMALL_MODEL, "cpu", "fp32", "fp32", SMALL_TRACK_BYTES, cpu_free_bytes, reason)
 
 
+def gpu_only(track: Track, shows: str, ready: bool = True) -> bool:
+    """For a GPU cell of notebook 06: True when `track` runs on a GPU and what the cell needs is
+    `ready`; otherwise print one line that says what the cell would show and what it needs.
+
+    >>> gpu_only(choose_track(None, 8 * 10**9), "the chat reply")  # doctest: +ELLIPSIS
+    ⏭  GPU track only: this cell shows the chat reply. It needs a CUDA GPU with 11.6 GB free ...
+    False
+    """
+    if track.device == "cuda" and ready:
+        return True
+    if track.device == "cuda":
+        print(f"⏭  This cell shows {shows}. It needs the model loaded above, which did not load: see the "
+              "message there.")
+    else:
+        needed = models.memory_needed(models.MODELS[BIG_MODEL], "nf4")
+        print(f"⏭  GPU track only: this cell shows {shows}. It needs a CUDA GPU with {_gb(needed)} free "
+              f"(Llama-2-13B in NF4: Colab's free T4); this machine's track is {track.name}.")
+    return False
+
+
 @dataclass(frozen=True)
 class Machine:
     """What `pick_track` reads: the GPU (if any), its free memory and bf16 support, and free RAM."""

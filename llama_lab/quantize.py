@@ -237,13 +237,17 @@ def perplexity(model, tokenizer, text: str, window: int = 512) -> float:
 
 @torch.no_grad()
 def decode_tokens_per_s(model, tokenizer, new_tokens: int = 32, repeats: int = 2,
-                        prompt: str = "Quantization stores each weight in") -> float:
-    """Greedy generation speed, best of `repeats` runs of exactly `new_tokens` tokens (short prompt)."""
+                        prompt: str = "Quantization stores each weight in", **generate_kwargs) -> float:
+    """Greedy generation speed, best of `repeats` runs of exactly `new_tokens` tokens (short prompt);
+    `generate_kwargs` go to `model.generate` (`cache_implementation="static"` compiles on a GPU)."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       **generate_kwargs)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return new_tokens / best
 

@@ -131,3 +131,61 @@ def test_bandwidth_table_and_the_roofline():
     # down, at the longest context of gpu_13b.py's runs (a prompt of 128 tokens + 256 new ones)
     roofline = lambda gpu: sizing.decode_roofline(CONFIG, "bf16", table[gpu], context_len=128 + 256)
     assert int(0.7 * roofline("H100 SXM")) == 90 and int(0.7 * roofline("H200")) == 129
+
+
+# --- the exercises of notebook 06 --------------------------------------------------------------
+
+
+def test_track_solution_agrees_with_choose_track():
+    from llama_lab import solutions
+
+    for free_gb in range(4, 160, 2):
+        for context in (0, 512, 2048, 4096):
+            assert solutions.track_for_gpu(free_gb * GB, context) == choose_track(free_gb * GB, 8 * GB,
+                                                                                  context_len=context).name
+
+
+def test_check_track_for_gpu(verdicts):
+    from llama_lab import checks, solutions
+
+    def no_cache(free, context):
+        return solutions.track_for_gpu(free, 0)
+
+    def smallest_first(free, context):
+        return "13b-nf4" if needed("nf4", context) <= free else "small-cpu"
+
+    verdicts(checks.check_track_for_gpu, solutions.track_for_gpu,
+             (no_cache, "the KV cache is missing"),
+             (lambda free, ctx: solutions.track_for_gpu(free + models.HEADROOM_BYTES, ctx), "headroom"),
+             (smallest_first, "try bf16 first"))
+
+
+def test_nf4_roofline_solution_is_sizing():
+    from llama_lab import solutions
+
+    for size in ("7b", "13b", "70b"):
+        c = sizing.llama2_config(size)
+        assert solutions.nf4_roofline(c, 320) == pytest.approx(sizing.decode_roofline(c, "nf4", 320))
+
+
+def test_check_nf4_roofline(verdicts):
+    from llama_lab import checks, solutions
+
+    def four_bits_only(c, bw):  # no scales
+        p = sizing.parameter_breakdown(c)
+        return bw * 1e9 / ((p["attention"] + p["mlp"]) * 0.5 + (p["norms"] + p["lm_head"]) * 2)
+
+    verdicts(checks.check_nf4_roofline, solutions.nf4_roofline,
+             (lambda c, bw: bw * 1e9 / (sizing.count_parameters(c) * 0.5), "half a byte"),
+             (lambda c, bw: sizing.decode_roofline(c, "bf16", bw), "the bf16 roofline"),
+             (four_bits_only, "an 8-bit scale"))
+
+
+def test_gpu_only_cells_print_one_line_off_the_gpu(capsys):
+    cpu, gpu = choose_track(None, 8 * GB), choose_track(16 * GB, 8 * GB)
+    assert not hardware.gpu_only(cpu, "the chat reply")
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and "the chat reply" in line and f"{needed('nf4') / 1e9:.1f} GB" in line
+    assert hardware.gpu_only(gpu, "the chat reply") and capsys.readouterr().out == ""
+    assert not hardware.gpu_only(gpu, "the chat reply", ready=False)
+    assert "did not load" in capsys.readouterr().out

@@ -198,3 +198,27 @@ def test_measure_tiny_random_and_unknown_variant():
 def test_heldout_text_ships_with_the_package():
     assert quantize.HELDOUT_TEXT.parent.name == "data"
     assert len(quantize.heldout_text().split()) > 1000
+
+
+# --- the exercise of notebook 06 ---------------------------------------------------------------
+
+
+def test_nf4_codes_solution_is_the_library():
+    from llama_lab import solutions
+
+    for seed in range(3):
+        block = weights((64,), torch.float32, seed)
+        codes = quantize.quantize_blockwise(block, quantize.nf4_levels(), 64)[0]
+        assert torch.equal(solutions.nf4_codes(block, quantize.nf4_levels()), codes.long())
+
+
+def test_check_nf4_codes(verdicts):
+    from llama_lab import checks, solutions
+
+    def by_max(block, levels):  # scaled by the largest weight, not the largest |weight|
+        return (block[:, None] / block.max() - levels).abs().argmin(dim=1)
+
+    verdicts(checks.check_nf4_codes, solutions.nf4_codes,
+             (by_max, "largest |weight|"),
+             (lambda block, levels: torch.round((block / block.abs().max() + 1) * 7.5), "evenly spaced"),
+             (lambda block, levels: (block[:, None] - levels).abs().argmin(dim=1), "before scaling"))

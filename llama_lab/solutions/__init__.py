@@ -35,7 +35,7 @@ from llama_lab.errors import InvalidSettingError, UnknownExerciseError
 
 # The lessons that have exercises, one file of that name in `checks/` and in `solutions/`.
 LESSONS = ("nb00_meet", "nb01_tokenization", "nb02_attention", "nb03_block", "nb04_sampling",
-           "nb05_finetuning", "nb07_serving")
+           "nb05_finetuning", "nb06_gpu", "nb07_serving")
 
 F = TypeVar("F", bound=Callable)
 
