@@ -1,4 +1,9 @@
-"""Attention maps of a Llama model: collect them, score what each head does, draw them.
+"""Attention maps of a Llama model: collect them, score what each head does, test it, draw them.
+
+Where a head looks (its maps, `induction_score`...) is a hint; the causal test is to take the
+head out (`ablate_heads`, zero or mean) and measure what the model loses (`repeat_test` on
+repeated random tokens), against as many `random_heads`; what a head writes is its OV circuit
+(`ov_matrix`, `head_writes`, `copying_score`).
 
 >>> import llama_lab as lab
 >>> model, tokenizer = lab.load_model("tiny-random", attn_implementation="eager")
@@ -23,6 +28,8 @@ import hashlib
 import html
 import itertools
 import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,6 +202,201 @@ def entropy_bits(weights: torch.Tensor) -> torch.Tensor:
     [1.0, 2.0]
     """
     return -torch.special.xlogy(weights, weights).sum(-1) / torch.log(torch.tensor(2.0))
+
+
+# --- causal evidence: ablating heads, and the in-context repeat test ------------------------------
+
+Head = tuple[int, int]  # (layer, head)
+
+
+def _head_slices(model, heads: Iterable[Head]) -> dict[int, list[slice]]:
+    """Per layer, the slices of its o_proj input that the chosen heads write (head h: h*d .. (h+1)*d)."""
+    config = model.config
+    d = sizing.head_dim(config)
+    by_layer: dict[int, list[slice]] = {}
+    for layer, head in heads:
+        _checked("layers", [layer], config.num_hidden_layers)
+        _checked("heads", [head], config.num_attention_heads)
+        by_layer.setdefault(layer, []).append(slice(head * d, (head + 1) * d))
+    return by_layer
+
+
+def head_means(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Each head's mean output (layers, heads, head_dim) over every position of `input_ids`
+    (batch, seq): what mean ablation puts in place of a head's output."""
+    kept = {}
+
+    def keeper(layer: int):
+        def keep(module, args):  # o_proj's input: the heads' outputs side by side
+            kept[layer] = args[0].float().mean(dim=(0, 1)).cpu()
+        return keep
+
+    layers = model.model.layers
+    handles = [block.self_attn.o_proj.register_forward_pre_hook(keeper(i)) for i, block in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            model(input_ids.to(model.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    means = torch.stack([kept[i] for i in range(len(layers))])  # (layers, heads * head_dim)
+    return means.unflatten(-1, (model.config.num_attention_heads, -1))
+
+
+@contextmanager
+def ablate_heads(model, heads: Iterable[Head], means: torch.Tensor | None = None) -> Iterator[None]:
+    """Inside the `with` block the chosen (layer, head) pairs write nothing: their slice of the
+    o_proj input is set to zero (zero ablation) or, with `means` from `head_means`, to the head's
+    mean output (mean ablation: the head says what it says on average, not what it read here).
+
+    A forward pre-hook on each layer's o_proj, removed on leaving the block.
+    """
+    by_layer = _head_slices(model, heads)
+    d = sizing.head_dim(model.config)
+
+    def ablator(layer: int, slices: list[slice]):
+        def ablate(module, args):
+            x = args[0].clone()
+            for s in slices:
+                x[..., s] = 0 if means is None else means[layer, s.start // d].to(x)
+            return (x, *args[1:])
+        return ablate
+
+    handles = [model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(ablator(layer, slices))
+               for layer, slices in by_layer.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def random_heads(config, n: int, seed: int = 0, exclude: Iterable[Head] = ()) -> list[Head]:
+    """`n` (layer, head) pairs drawn at random without repeats, none of `exclude`: the control group.
+
+    >>> from transformers import LlamaConfig
+    >>> random_heads(LlamaConfig(num_hidden_layers=2, num_attention_heads=2), 3, exclude=[(0, 0)])
+    [(1, 1), (0, 1), (1, 0)]
+    """
+    excluded = set(exclude)
+    pool = [h for h in itertools.product(range(config.num_hidden_layers), range(config.num_attention_heads))
+            if h not in excluded]
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
+    return [pool[i] for i in order.tolist()]
+
+
+@dataclass
+class RepeatTest:
+    """How well a model continues random tokens that repeat: the in-context test of induction heads.
+
+    position_loss[t]: mean cross-entropy (nats) of predicting token t + 1 from tokens 0..t.
+    repeat_loss, repeat_accuracy: over the second copy (targets period + 1 .. 2 period - 1: the
+    first token of the copy cannot be guessed); first_loss: over the first copy, pure chance.
+    """
+
+    position_loss: torch.Tensor
+    repeat_loss: float
+    repeat_accuracy: float
+    first_loss: float
+    period: int
+
+
+def repeat_test(model, input_ids: torch.Tensor, period: int) -> RepeatTest:
+    """Run `input_ids` (batch, 2 * period), each row `period` tokens twice, and score the repeat.
+    `repeated_random_sequences` makes such rows."""
+    with torch.no_grad():
+        logits = model(input_ids.to(model.device), use_cache=False).logits[:, :-1].float().cpu()
+    targets = input_ids[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (batch, t)
+    repeat = slice(period, 2 * period - 1)  # predicting targets period+1 .. 2*period-1
+    correct = (logits.argmax(-1) == targets)[:, repeat]
+    return RepeatTest(loss.mean(0), loss[:, repeat].mean().item(), correct.float().mean().item(),
+                      loss[:, :period - 1].mean().item(), period)
+
+
+def repeated_random_sequences(vocab_size: int, period: int, batch: int, seed: int = 0) -> torch.Tensor:
+    """`batch` rows of `period` random token ids repeated twice: shape (batch, 2 * period).
+
+    >>> rows = repeated_random_sequences(100, period=4, batch=3)
+    >>> rows.shape, bool((rows[:, :4] == rows[:, 4:]).all())
+    (torch.Size([3, 8]), True)
+    """
+    return torch.stack([repeated_random_tokens(vocab_size, period, 2, seed + i) for i in range(batch)])
+
+
+def plot_position_loss(tests: dict[str, RepeatTest], ax=None):
+    """Per-position loss of several runs (clean, ablations) on one plot; the repeat starts at the line."""
+    ax = ax or plt.subplots(figsize=(7, 3.2))[1]
+    for name, test in tests.items():
+        ax.plot(range(1, len(test.position_loss) + 1), test.position_loss, label=name, lw=1.2)
+    period = next(iter(tests.values())).period
+    ax.axvline(period, color="grey", ls=":", lw=1)
+    ax.set(xlabel="position of the predicted token", ylabel="loss (nats)", title="Loss per position")
+    ax.legend(fontsize=8)
+    return ax
+
+
+# --- what a head writes: the OV circuit -----------------------------------------------------------
+
+def ov_matrix(model, layer: int, head: int) -> torch.Tensor:
+    """W_O^h W_V^h (dim, dim): what head `head` of `layer` adds to the residual stream for a token
+    it attends to fully, from that token's normed residual vector. With GQA the values come from
+    the key/value head the query head shares (`kv_head_map`)."""
+    attention = model.model.layers[layer].self_attn
+    d = sizing.head_dim(model.config)
+    kv = kv_head_map(model.config)[head]
+    w_v = attention.v_proj.weight[kv * d:(kv + 1) * d]  # (head_dim, dim)
+    w_o = attention.o_proj.weight[:, head * d:(head + 1) * d]  # (dim, head_dim)
+    return (w_o @ w_v).detach().float()
+
+
+def _run_keeping(model, input_ids: torch.Tensor, modules: dict, pre: bool = False) -> dict:
+    """Run the model once; return the input (`pre`) or the output of each watched module by name."""
+    seen = {}
+
+    def keeper(name: str):
+        def keep(module, args, output=None):
+            seen[name] = args[0] if pre else output
+        return keep
+
+    register = "register_forward_pre_hook" if pre else "register_forward_hook"
+    handles = [getattr(module, register)(keeper(name)) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            model(input_ids.reshape(1, -1).to(model.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def head_writes(model, input_ids: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+    """What the head adds to the residual stream at each position (tokens, dim): its slice of
+    the o_proj input (its attention-weighted values) times its columns of W_O."""
+    attention = model.model.layers[layer].self_attn
+    d = sizing.head_dim(model.config)
+    heads_out = _run_keeping(model, input_ids, {"o": attention.o_proj}, pre=True)["o"][0]
+    w_o = attention.o_proj.weight[:, head * d:(head + 1) * d]
+    return (heads_out[:, head * d:(head + 1) * d] @ w_o.T).detach().float().cpu()
+
+
+def direct_logits(model, written: torch.Tensor) -> torch.Tensor:
+    """Vectors of the residual stream read as the model reads its last one: final RMSNorm, then
+    the unembedding (the "logit lens"): which tokens a head's output promotes, on its own."""
+    weight = model.lm_head.weight
+    with torch.no_grad():
+        return model.lm_head(model.model.norm(written.to(weight))).float().cpu()
+
+
+def copying_score(model, input_ids: torch.Tensor, period: int, layer: int, head: int) -> float:
+    """On a sequence repeating every `period` tokens: over the positions of the repeat, the mean
+    share of the vocabulary that the next token (the one an induction head attends to) beats in
+    the head's direct logits. 0.5 is chance, 1.0 the top token everywhere. Where a head looks (QK)
+    says what it reads; this says whether what it writes promotes that token by itself (OV)."""
+    ids = input_ids.reshape(-1)
+    logits = direct_logits(model, head_writes(model, ids, layer, head))[period:-1]
+    target = logits.gather(1, ids[period + 1:, None])
+    return (logits < target).float().mean().item()
 
 
 # --- grouped-query attention and RoPE -------------------------------------------------------------

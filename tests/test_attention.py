@@ -2,10 +2,13 @@
 
 import html
 import json
+import math
 import re
 import shutil
 import subprocess
+from copy import deepcopy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -130,6 +133,118 @@ def test_repeated_random_tokens_repeat():
     assert ids.shape == (21,) and 0 <= ids.min() and ids.max() < 50
     assert torch.equal(ids[:7], ids[7:14]) and torch.equal(ids[:7], ids[14:])
     assert not torch.equal(ids[:7], attention.repeated_random_tokens(50, period=7, seed=2)[:7])
+
+
+# --- causal evidence: ablations, the repeat test, what heads write ---------------------------------
+
+ABLATED = [(1, 0), (2, 3), (2, 1)]
+
+
+def _without_heads(model, heads, means=None):
+    """A copy of `model` whose o_proj columns of `heads` are zero, plus a bias of their mean output."""
+    copy = deepcopy(model)
+    d = sizing.head_dim(model.config)
+    for layer, head in heads:
+        o_proj = copy.model.layers[layer].self_attn.o_proj
+        columns = slice(head * d, (head + 1) * d)
+        if means is not None:
+            bias = o_proj.weight.data[:, columns] @ means[layer, head]
+            o_proj.bias = torch.nn.Parameter(bias if o_proj.bias is None else o_proj.bias + bias)
+        o_proj.weight.data[:, columns] = 0
+    return copy
+
+
+@pytest.mark.parametrize("mean", [False, True], ids=["zero", "mean"])
+def test_ablating_heads_is_removing_their_output_weights(tiny, ids, mean):
+    model, reference = tiny[0], attention.repeated_random_sequences(200, 6, batch=3)
+    means = attention.head_means(model, reference) if mean else None
+    clean = model(ids).logits
+    with attention.ablate_heads(model, ABLATED, means):
+        ablated = model(ids).logits
+    torch.testing.assert_close(ablated, _without_heads(model, ABLATED, means)(ids).logits)
+    assert not torch.allclose(ablated, clean)
+    torch.testing.assert_close(model(ids).logits, clean)  # the hooks are gone
+
+
+def test_head_means_are_the_mean_of_each_heads_slice(tiny):
+    model, rows = tiny[0], attention.repeated_random_sequences(200, 5, batch=2)
+    means = attention.head_means(model, rows)
+    d = sizing.head_dim(model.config)
+    assert means.shape == (4, 4, d)
+    seen = attention._run_keeping(model, rows[1], {"o": model.model.layers[2].self_attn.o_proj}, pre=True)
+    one_row = attention.head_means(model, rows[1:])
+    torch.testing.assert_close(one_row[2, 3], seen["o"][0, :, 3 * d:4 * d].mean(0))
+
+
+def test_ablating_a_head_out_of_range_is_refused(tiny):
+    with pytest.raises(InvalidSettingError, match="numbered 0 to 3"):
+        with attention.ablate_heads(tiny[0], [(0, 4)]):
+            pass
+
+
+def test_random_heads_avoid_the_excluded_and_do_not_repeat(tiny):
+    config = tiny[0].config
+    heads = attention.random_heads(config, 10, seed=3, exclude=ABLATED)
+    assert len(set(heads)) == 10 and not set(heads) & set(ABLATED)
+    assert heads != attention.random_heads(config, 10, seed=4, exclude=ABLATED)
+
+
+class _Oracle(torch.nn.Module):
+    """Logits that know the repeat: uniform on the first copy, certain of the next token after."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, period: int, vocab: int):
+        super().__init__()
+        self.period, self.vocab = period, vocab
+
+    def forward(self, ids, use_cache=False):
+        logits = torch.zeros(*ids.shape, self.vocab)
+        following = ids[:, 1:self.period + 1]  # after token period - 1 + i comes token i + 1
+        logits[:, self.period:2 * self.period - 1].scatter_(-1, following[:, :-1, None], 30.0)
+        return SimpleNamespace(logits=logits)
+
+
+def test_repeat_test_scores_an_oracle_and_chance():
+    period, vocab = 6, 50
+    rows = attention.repeated_random_sequences(vocab, period, batch=4)
+    result = attention.repeat_test(_Oracle(period, vocab), rows, period)
+    assert result.repeat_accuracy == 1 and result.repeat_loss < 1e-6
+    assert result.first_loss == pytest.approx(math.log(vocab))
+    assert result.position_loss.shape == (2 * period - 1,)
+    assert result.position_loss[period - 1] == pytest.approx(math.log(vocab))  # the copy's first token
+
+
+def test_repeat_test_of_the_tiny_model(tiny):
+    rows = attention.repeated_random_sequences(200, 8, batch=2)
+    result = attention.repeat_test(tiny[0], rows, 8)
+    assert 0 <= result.repeat_accuracy <= 1 and result.repeat_loss > 0
+    ax = attention.plot_position_loss({"clean": result, "again": result})
+    assert len(ax.lines) == 3  # two runs and the line where the repeat starts
+
+
+def test_head_writes_add_up_to_the_attention_output(tiny, ids):
+    model, layer = tiny[0], 2
+    out = attention._run_keeping(model, ids, {"attn": model.model.layers[layer].self_attn})["attn"][0][0]
+    writes = sum(attention.head_writes(model, ids, layer, h) for h in range(4))
+    torch.testing.assert_close(writes, out.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_the_first_token_gets_the_ov_of_itself(tiny, ids):
+    # the first token can attend only to itself (weight 1): the head writes OV times its normed vector
+    model, layer = tiny[0], 1
+    normed = attention._run_keeping(model, ids, {"n": model.model.layers[layer].input_layernorm})["n"][0]
+    for head in range(4):
+        torch.testing.assert_close(attention.head_writes(model, ids, layer, head)[0],
+                                   attention.ov_matrix(model, layer, head) @ normed[0].float(),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_copying_score_is_a_share_of_the_vocabulary(tiny):
+    rows = attention.repeated_random_sequences(200, 8, batch=1)
+    score = attention.copying_score(tiny[0], rows[0], 8, 3, 1)
+    logits = attention.direct_logits(tiny[0], attention.head_writes(tiny[0], rows[0], 3, 1))
+    assert 0 <= score <= 1 and logits.shape == (16, tiny[0].config.vocab_size)
 
 
 # --- grouped-query attention and RoPE -------------------------------------------------------------
