@@ -135,3 +135,26 @@ def assistant_char_spans(tokenizer, messages: Messages) -> tuple[str, list[tuple
             end += len(tokenizer.eos_token)
         spans.append((start, end))
     return text, spans
+
+
+# --- generating a reply ----------------------------------------------------------------------------
+
+def prompt_ids(tokenizer, messages: Messages):
+    """The token ids (1, tokens) the model reads to write the next assistant turn: the messages
+    rendered by the tokenizer's chat template, ending with the generation prompt
+    (`<|im_start|>assistant\\n` in ChatML)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends an assistant turn: ChatML's <|im_end|> when the vocabulary has it
+    (SmolLM2), else the tokenizer's end-of-sequence token (Llama-2-chat's </s>).
+
+    >>> from llama_lab.models import tiny_tokenizer
+    >>> tok = tiny_tokenizer()
+    >>> tok.convert_ids_to_tokens(end_of_turn_id(tok))
+    '<|im_end|>'
+    """
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return im_end if im_end is not None and im_end != tokenizer.unk_token_id else tokenizer.eos_token_id

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import sysconfig
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,7 +53,11 @@ class MatVecLinear(nn.Linear):
 def require_cpp_compiler() -> str:
     """The C++ compiler that torch.compile will use on a CPU ($CXX, g++ or clang++), or a
     `CompilerNotFoundError` saying how to install it (or Python's headers, which it also needs)."""
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+    compiler = os.environ.get("CXX")
+    if compiler and not shutil.which(compiler):
+        raise CompilerNotFoundError(f"$CXX is {compiler!r}, which is not an executable C++ compiler. "
+                                    "Point CXX at one (for example CXX=g++), or unset it.")
+    compiler = compiler or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
         raise CompilerNotFoundError("torch.compile needs a C++ compiler on a CPU and none was found "
                                     "(g++, clang++ or $CXX). Install one (Debian/Ubuntu: apt install g++; "
@@ -83,7 +88,8 @@ def compile_decode(model: scratch.Llama) -> scratch.Llama:
     prompt) stay eager. benchmarks/README.md has the measurements.
 
     The first one-token call compiles: about a minute on 2 cores, 20 s once inductor's on-disk
-    cache (/tmp/torchinductor_<user>) holds the kernels. Needs a C++ compiler (g++ or clang++).
+    cache (/tmp/torchinductor_<user>) holds the kernels. Needs a C++ compiler (g++ or clang++):
+    without one it warns, in one line saying what is missing, and returns the model unchanged.
 
     >>> from llama_lab import load_model, scratch
     >>> model = compile_decode(scratch.from_hf(load_model("tiny-random")[0]))
@@ -93,7 +99,11 @@ def compile_decode(model: scratch.Llama) -> scratch.Llama:
     if not isinstance(model, scratch.Llama):
         raise InvalidSettingError("compile_decode works on a from-scratch model: "
                                   "pass llama_lab.scratch.from_hf(model).")
-    require_cpp_compiler()
+    try:
+        require_cpp_compiler()
+    except CompilerNotFoundError as missing:  # the same tokens without it: decode eagerly
+        warnings.warn(f"compile_decode: decoding eagerly (same tokens, slower). {missing}", stacklevel=2)
+        return model
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear:

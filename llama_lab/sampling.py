@@ -1,4 +1,5 @@
-"""Choosing the next token: logits transforms, a generate loop with a KV cache, streaming.
+"""Choosing the next token: logits transforms, a generate loop with a KV cache, batches, beams,
+chat replies, streaming.
 
 A language model gives one score (logit) per vocabulary entry for the next
 token. Decoding turns those scores into a choice, one token at a time:
@@ -25,6 +26,8 @@ tensor([[2., 1., -inf, -inf]])
 `SamplingSettings` holds every setting of a decode run, checked once when it is
 made; `generate` runs the decode loop with them on a transformers model or on
 the from-scratch model of `llama_lab.scratch`, with or without a KV cache;
+`generate_batch` runs prompts of different lengths together (left padding, an attention mask);
+`beam_search` keeps several continuations; `chat` answers a conversation in the chat format;
 `stream` yields the text as it is produced. `next_token_logits` and
 `plot_distribution` show the distribution the transforms reshape.
 """
@@ -224,8 +227,10 @@ class _Decoder:
     """One call for both kinds of model: feed the new tokens, get the last position's
     logits (float32). With a KV cache only the new tokens run; without one, the whole text."""
 
-    def __init__(self, model, use_cache: bool, batch_size: int, max_len: int):
+    def __init__(self, model, use_cache: bool, batch_size: int, max_len: int,
+                 mask: torch.Tensor | None = None):
         self.model, self.use_cache = model, use_cache
+        self.mask, self.steps = mask, 0  # a left-padded batch's attention mask, grown by one each step
         self.is_scratch = isinstance(model, scratch.Llama)
         self.cache = None
         if use_cache and self.is_scratch:
@@ -241,11 +246,16 @@ class _Decoder:
             self.ids = new_ids if self.ids is None else torch.cat([self.ids, new_ids], dim=-1)
             new_ids = self.ids
         if self.is_scratch:
-            logits = self.model(new_ids, cache=self.cache)[:, -1]
-        else:
-            logits = self.model(input_ids=new_ids, cache=self.cache, use_cache=self.use_cache,
-                                logits_to_keep=1).logits[:, -1]
-        return logits.float()
+            return self.model(new_ids, cache=self.cache)[:, -1].float()
+        padding = {}
+        if self.mask is not None:  # padding is not attended to, and positions count the real tokens only
+            if self.steps:
+                self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.mask), 1)], dim=-1)
+            positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+            padding = {"attention_mask": self.mask, "position_ids": positions[:, -new_ids.shape[1]:]}
+        self.steps += 1
+        return self.model(input_ids=new_ids, cache=self.cache, use_cache=self.use_cache, logits_to_keep=1,
+                          **padding).logits[:, -1].float()
 
 
 def context_length(model) -> int:
@@ -265,24 +275,75 @@ def _eos_ids(model, eos_token_id: int | list[int] | None) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def generate_tokens(model, input_ids: torch.Tensor, settings: SamplingSettings) -> Iterator[torch.Tensor]:
-    """Check the prompt now, then iterate over the next token of every row, `(batch,)`,
-    one step at a time (see `generate`)."""
+def check_input_ids(model, input_ids: Any) -> None:
+    """Raise `InvalidSettingError` saying what to pass when `input_ids` is not a (batch, tokens)
+    tensor of integer ids of this model's vocabulary with at least one token per prompt.
+
+    >>> from llama_lab import load_model
+    >>> check_input_ids(load_model("tiny-random")[0], torch.tensor([1.0, 2.0]))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    llama_lab.errors.InvalidSettingError: input_ids must have shape (batch, tokens), got (2,): ...
+    """
+    how = "use tokenizer(text, return_tensors='pt').input_ids"
+    if not isinstance(input_ids, torch.Tensor):
+        raise InvalidSettingError("input_ids must be a torch.Tensor of token ids, got "
+                                  f"{type(input_ids).__name__}: {how}.")
     if input_ids.dim() != 2:
         raise InvalidSettingError(f"input_ids must have shape (batch, tokens), got {tuple(input_ids.shape)}: "
-                                  "use tokenizer(text, return_tensors='pt').input_ids.")
+                                  f"{how} (for one prompt of shape (n,), pass ids[None]).")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise InvalidSettingError("input_ids must hold integer token ids (torch.long), got "
+                                  f"{input_ids.dtype}: {how}, or ids.long().")
+    if input_ids.numel() == 0:
+        raise InvalidSettingError(f"the prompt is empty (input_ids of shape {tuple(input_ids.shape)}): "
+                                  "give at least one token per prompt, for example the tokenizer's "
+                                  "bos_token_id.")
+    vocab = model.config.vocab_size
+    outside = input_ids[(input_ids < 0) | (input_ids >= vocab)]
+    if len(outside):
+        raise InvalidSettingError(f"input_ids holds {outside.unique()[:5].tolist()}, outside the model's "
+                                  f"vocabulary (ids 0 to {vocab - 1}): encode the text with this model's "
+                                  "own tokenizer.")
+
+
+def check_attention_mask(model, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask of a left-padded batch (1 for a token, 0 for padding on the left), or None when
+    nothing is padded; `InvalidSettingError` saying what to pass for anything else."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    if attention_mask.shape != input_ids.shape:
+        raise InvalidSettingError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                                  f"{tuple(input_ids.shape)}: pass the mask the tokenizer returned.")
+    mask = attention_mask.long()
+    if bool((mask[:, 1:] < mask[:, :-1]).any()) or not bool(mask[:, -1].all()):
+        raise InvalidSettingError("attention_mask pads on the right: the new tokens must follow each "
+                                  "prompt's last token, so pad on the left (padding_side='left').")
+    if isinstance(model, scratch.Llama):
+        raise InvalidSettingError("a padded batch needs a transformers model (the from-scratch model has no "
+                                  "attention mask): generate each prompt alone.")
+    return mask
+
+
+def generate_tokens(model, input_ids: torch.Tensor, settings: SamplingSettings,
+                    attention_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Check the prompt now, then iterate over the next token of every row, `(batch,)`,
+    one step at a time (see `generate`)."""
+    check_input_ids(model, input_ids)
+    mask = check_attention_mask(model, input_ids, attention_mask)
     context = context_length(model)
     if input_ids.shape[1] > context:
         raise ContextLengthError(input_ids.shape[1], context)
     max_new_tokens = min(settings.max_new_tokens, context - input_ids.shape[1])  # it cannot see further
     eos = _eos_ids(model, settings.eos_token_id).to(input_ids.device)
-    return _decode_loop(model, input_ids, max_new_tokens, eos, settings)
+    return _decode_loop(model, input_ids, max_new_tokens, eos, settings, mask)
 
 
 def _decode_loop(model, input_ids: torch.Tensor, max_new_tokens: int, eos: torch.Tensor,
-                 settings: SamplingSettings) -> Iterator[torch.Tensor]:
+                 settings: SamplingSettings, mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     batch, prompt_len = input_ids.shape
-    decoder = _Decoder(model, settings.use_cache, batch, prompt_len + max_new_tokens)
+    decoder = _Decoder(model, settings.use_cache, batch, prompt_len + max_new_tokens, mask)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     ids, new = input_ids, input_ids
     for _ in range(max_new_tokens):
@@ -302,8 +363,8 @@ def _decode_loop(model, input_ids: torch.Tensor, max_new_tokens: int, eos: torch
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, repetition_penalty: float | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None, eos_token_id: int | list[int] | None = None
-             ) -> torch.Tensor:
+             generator: torch.Generator | None = None, eos_token_id: int | list[int] | None = None,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Continue `input_ids` (batch, tokens) by up to `max_new_tokens`; return prompt + new tokens.
 
     model: a transformers causal LM, or a `llama_lab.scratch.Llama`.
@@ -315,6 +376,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
     generator: a seeded `torch.Generator` for reproducible sampling (None: torch's global one,
         which is what `model.generate` uses after `torch.manual_seed`).
     eos_token_id: stop once every row has produced it (default: the model config's).
+    attention_mask: for a batch of prompts of different lengths, padded on the left (see
+        `generate_batch`): 0 marks the padding, which no token attends to.
 
     The settings are checked together (`SamplingSettings`) before the model runs. Greedy
     output, and sampled output with the same seed, equal `model.generate`'s.
@@ -328,8 +391,82 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
     settings = SamplingSettings(max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                 top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                 use_cache=use_cache, generator=generator, eos_token_id=eos_token_id)
-    tokens = list(generate_tokens(model, input_ids, settings))
+    tokens = list(generate_tokens(model, input_ids, settings, attention_mask))
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1) if tokens else input_ids
+
+
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, **settings: Any) -> list[str]:
+    """Continue several prompts of different lengths in one batch; return each one's new text.
+
+    The prompts are padded on the left to one length (the new tokens must follow each prompt's
+    last token), and the attention mask keeps every token from attending to the padding; the
+    positions count real tokens only. Greedy, each reply equals the prompt generated alone.
+    """
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = padding_side
+    out = generate(model, batch.input_ids, max_new_tokens, attention_mask=batch.attention_mask, **settings)
+    return tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def beam_search(model, input_ids: torch.Tensor, num_beams: int, max_new_tokens: int, *,
+                length_penalty: float = 1.0, eos_token_id: int | list[int] | None = None) -> torch.Tensor:
+    """Keep the `num_beams` most likely continuations (sum of token log-probabilities) at every
+    step instead of one; return the best finished one, prompt included, (1, tokens).
+
+    As transformers' `generate(num_beams=...)` (and equal to it): each step extends every beam by
+    every token and keeps the 2 x num_beams best candidates; those among the first num_beams that
+    end (an end-of-sequence token, or the length limit) become hypotheses scored by their sum of
+    log-probabilities / length ** length_penalty; the best other candidates run on. It stops once
+    num_beams hypotheses are kept and the best running beam cannot beat the worst of them.
+    Without a KV cache: every step runs each beam's whole text (the lesson, not the speed).
+    """
+    check_input_ids(model, input_ids)
+    if input_ids.shape[0] != 1 or not (isinstance(num_beams, int) and num_beams >= 1):
+        raise InvalidSettingError(f"beam_search takes one prompt (batch 1, got {input_ids.shape[0]}) and "
+                                  f"num_beams an integer >= 1 (got {num_beams!r}).")
+    check_setting("max_new_tokens", max_new_tokens)
+    eos = _eos_ids(model, eos_token_id).tolist()
+    beams, scores = input_ids, torch.zeros(1)  # running beams (n, tokens) and their summed log-probs
+    finished: list[tuple[float, torch.Tensor]] = []  # (score, sequence), at most num_beams
+    for step in range(1, max_new_tokens + 1):  # `step` tokens once this step is done
+        with torch.inference_mode():
+            logits = model(beams) if isinstance(model, scratch.Llama) else model(input_ids=beams).logits
+        totals = scores[:, None] + logits[:, -1].float().log_softmax(-1)
+        top, flat = totals.flatten().topk(max(2, 1 + len(eos)) * num_beams)
+        beam, token = flat // totals.shape[1], flat % totals.shape[1]
+        candidates = torch.cat([beams[beam], token[:, None]], dim=1)
+        ends = torch.tensor([int(t) in eos or step == max_new_tokens for t in token])
+        for rank in ends[:num_beams].nonzero().flatten().tolist():
+            finished.append((top[rank].item() / step ** length_penalty, candidates[rank]))
+        finished = sorted(finished, key=lambda f: -f[0])[:num_beams]
+        keep = (~ends).nonzero().flatten()[:num_beams]
+        if not len(keep):
+            break
+        beams, scores = candidates[keep], top[keep]
+        if len(finished) == num_beams and scores[0].item() / step ** length_penalty <= finished[-1][0]:
+            break  # no running beam can still beat the hypotheses kept
+    return finished[0][1][None] if finished else beams[:1]
+
+
+def chat(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int, **settings: Any) -> str:
+    """The assistant's reply to a conversation: the messages rendered by the tokenizer's chat
+    template with the generation prompt, decoded until the chat model's end-of-turn token
+    (`chat.end_of_turn_id`, SmolLM2's <|im_end|>), which is not part of the reply.
+
+    >>> from llama_lab import load_model
+    >>> model, tok = load_model("tiny-random")
+    >>> isinstance(chat(model, tok, [{"role": "user", "content": "Hi"}], 4), str)
+    True
+    """
+    from llama_lab import chat as chat_formats
+
+    ids = chat_formats.prompt_ids(tokenizer, messages)
+    settings.setdefault("eos_token_id", chat_formats.end_of_turn_id(tokenizer))
+    out = generate(model, ids, max_new_tokens, **settings)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 # --- streaming ----------------------------------------------------------------------------------
@@ -393,6 +530,7 @@ def stream(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, **set
     True
     """
     checked = SamplingSettings(max_new_tokens, **settings)
+    check_input_ids(model, input_ids)
     if input_ids.shape[0] != 1:
         raise InvalidSettingError(f"stream() takes one prompt (batch 1), not {input_ids.shape[0]}.")
     decoder = IncrementalDecoder(tokenizer)

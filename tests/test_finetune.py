@@ -229,6 +229,46 @@ def test_dpo_training_raises_the_margin():
         assert finetune.dpo_margins(model, batch).mean() > 0
 
 
+
+def test_dpo_loss_rewards_and_sequence_logprobs_equal_trl(tmp_path):
+    """TRL's DPOTrainer tokenizes two pairs and computes its loss and logged rewards; ours, on the
+    same tokens (its completion mask as our labels), must give the same numbers."""
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = load_model("tiny-random")[1]
+    reference, model = tiny_model(), tiny_model()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy that has moved away from the reference
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pairs = [{"prompt": "Give me JSON:", "chosen": ' {"a": 1}', "rejected": " no"},
+             {"prompt": "Say hi", "chosen": " hi there", "rejected": " go away now"}]
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, beta=0.1, report_to=[],
+                     use_cpu=True, disable_tqdm=True)
+    datasets.disable_progress_bars()
+    trainer = DPOTrainer(model=model, ref_model=reference, args=args, processing_class=tokenizer,
+                         train_dataset=datasets.Dataset.from_list(pairs))
+    inputs = next(iter(trainer.get_train_dataloader()))  # the chosen rows, then the rejected ones
+    model.train()
+    trl_loss = trainer.compute_loss(model, inputs)
+    logged = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+
+    batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+             "labels": inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, finetune.IGNORE_INDEX)}
+    policy_chosen, policy_rejected = finetune.sequence_logprobs(model, batch).chunk(2)
+    with torch.no_grad():
+        ref_chosen, ref_rejected = finetune.sequence_logprobs(reference, batch).chunk(2)
+    ours = finetune.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1)
+    assert abs(ours.item() - math.log(2)) > 0.01  # the policy differs from the reference
+    torch.testing.assert_close(ours, trl_loss)
+    assert policy_chosen.mean().item() == pytest.approx(logged["logps/chosen"], rel=1e-5)
+    assert policy_rejected.mean().item() == pytest.approx(logged["logps/rejected"], rel=1e-5)
+    margins = finetune.dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1)
+    assert margins.mean().item() == pytest.approx(logged["rewards/margins"], rel=1e-4, abs=1e-6)
+    chosen_rewards = 0.1 * (policy_chosen - ref_chosen)
+    assert chosen_rewards.mean().item() == pytest.approx(logged["rewards/chosen"], rel=1e-4, abs=1e-6)
+
 # --- command line under accelerate --------------------------------------------------------------
 
 def test_command_line_under_accelerate_launch_with_two_cpu_processes(tmp_path):

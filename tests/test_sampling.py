@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from transformers import TextIteratorStreamer
 from transformers.generation import logits_process as hf
 
-from llama_lab import checks, sampling, scratch, solutions, tokenization, widgets
+from llama_lab import chat, checks, sampling, scratch, solutions, tokenization, widgets
 from llama_lab.errors import ContextLengthError, InvalidSettingError
 from llama_lab.models import load_model
 
@@ -344,3 +344,82 @@ def wrong_greedy(model, ids, n):  # samples the second most likely token
 ], ids=["top_k", "top_p", "greedy"])
 def test_checkers_pass_the_solution_and_fail_wrong_answers(check, solution, wrong_answers, verdicts):
     verdicts(check, solution, *wrong_answers)
+
+
+# --- wrong input ids, beams, batches, chat ---------------------------------------------------------
+
+@pytest.mark.parametrize("ids, says", [
+    ([[1, 2]], "torch.Tensor of token ids"),
+    (torch.tensor([1, 2]), r"pass ids\[None\]"),
+    (torch.tensor([[1.0, 2.0]]), r"integer token ids.*ids.long\(\)"),
+    (torch.zeros(1, 0, dtype=torch.long), "the prompt is empty"),
+    (torch.tensor([[1, 10**6]]), r"\[1000000\], outside the model's vocabulary \(ids 0 to"),
+    (torch.tensor([[-1, 2]]), "outside the model's vocabulary"),
+])
+def test_wrong_input_ids_say_what_to_pass(ids, says):
+    model, tok = tiny()
+    for run in (lambda m: sampling.generate(m, ids, 2), lambda m: list(sampling.stream(m, tok, ids, 2)),
+                lambda m: sampling.beam_search(m, ids, 2, 2)):
+        for m in (model, scratch.from_hf(model)):
+            with pytest.raises(InvalidSettingError, match=says):
+                run(m)
+
+
+def test_a_right_padded_mask_or_a_padded_scratch_batch_is_refused():
+    model, tok = tiny()
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    with pytest.raises(InvalidSettingError, match="pad on the left"):
+        sampling.generate(model, ids, 2, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    with pytest.raises(InvalidSettingError, match="generate each prompt alone"):
+        sampling.generate(scratch.from_hf(model), ids, 2, attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]))
+
+
+@pytest.mark.parametrize("load, prompt", [(tiny, "Hello there"), (smollm2, "The best way to learn is")])
+@pytest.mark.parametrize("num_beams", [2, 4])
+def test_beam_search_equals_transformers_num_beams(load, prompt, num_beams):
+    model, tok = load()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    expected = model.generate(ids, num_beams=num_beams, max_new_tokens=8, do_sample=False)
+    assert torch.equal(sampling.beam_search(model, ids, num_beams, 8), expected)
+    if load is tiny:  # and stopping at an end-of-sequence token the beams meet
+        stop = int(expected[0, ids.shape[1] + 2])
+        ours = sampling.beam_search(model, ids, num_beams, 8, eos_token_id=stop)
+        assert torch.equal(ours, model.generate(ids, num_beams=num_beams, max_new_tokens=8, do_sample=False,
+                                                eos_token_id=stop))
+        assert torch.equal(sampling.beam_search(scratch.from_hf(model), ids, num_beams, 8), expected)
+
+
+def test_greedy_beam_search_of_one_beam_is_greedy():
+    model, tok = tiny()
+    ids = tok("Hello", return_tensors="pt").input_ids
+    assert torch.equal(sampling.beam_search(model, ids, 1, 6, eos_token_id=[]),
+                       sampling.generate(model, ids, 6, eos_token_id=[]))
+
+
+@pytest.mark.parametrize("load", [tiny, smollm2])
+def test_a_left_padded_batch_equals_each_prompt_alone(load):
+    model, tok = load()
+    prompts = ["Hi", "The capital of France is", "Once upon a time, in a land"]
+    alone = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        alone.append(tok.decode(sampling.generate(model, ids, 8)[0, ids.shape[1]:], skip_special_tokens=True))
+    assert sampling.generate_batch(model, tok, prompts, 8) == alone
+    assert tok.padding_side == "right"  # put back as it was
+    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    assert torch.equal(sampling.generate(model, batch.input_ids, 8, attention_mask=batch.attention_mask),
+                       model.generate(**batch, max_new_tokens=8, do_sample=False))
+
+
+def test_chat_uses_the_template_and_stops_at_the_end_of_turn():
+    model, tok = smollm2()
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    ids = chat.prompt_ids(tok, messages)
+    assert tok.decode(ids[0]).endswith("<|im_start|>assistant\n")
+    im_end = chat.end_of_turn_id(tok)
+    assert tok.convert_ids_to_tokens(im_end) == "<|im_end|>"
+    expected = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=im_end)
+    assert expected[0, -1] == im_end and expected.shape[1] < ids.shape[1] + 40  # it ended its turn
+    reply = sampling.chat(model, tok, messages, 40)
+    assert reply == tok.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+    assert "Paris" in reply and "<|im_end|>" not in reply and "user" not in reply
