@@ -303,6 +303,24 @@ def test_solutions_equal_the_library():
     ids = tok("abc", return_tensors="pt").input_ids
     expected = sampling.generate(model, ids, 9, eos_token_id=[])
     assert torch.equal(solutions.greedy_decode(model, ids, 9), expected)
+    seen = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(1))
+    for penalty in (0.7, 1.0, 1.3):
+        assert torch.equal(solutions.apply_repetition_penalty(logits, seen, penalty),
+                           sampling.repetition_penalty(logits, seen, penalty))
+
+
+def test_the_stop_sequence_solution_equals_transformers_stop_strings():
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    model, tok = smollm2()
+    ids = tok("The days of the week: Monday, Tuesday,", return_tensors="pt").input_ids
+    stops = [" Friday", " Thursday"]
+    free = tok.decode(model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:])
+    criteria = StoppingCriteriaList([StopStringCriteria(tok, stops)])
+    stopped = tok.decode(model.generate(ids, max_new_tokens=12, do_sample=False, stopping_criteria=criteria)[
+        0, ids.shape[1]:])
+    cut = solutions.cut_at_stop(free, stops)
+    assert cut != free and stopped.startswith(cut) and any(stopped == cut + s for s in stops)
 
 
 def wrong_top_k(logits, k):  # off by one: keeps k + 1
@@ -341,7 +359,16 @@ def wrong_greedy(model, ids, n):  # samples the second most likely token
     (checks.check_greedy_decode, solutions.greedy_decode,
      [(wrong_greedy, "the new tokens differ"),
       (lambda model, ids, n: solutions.greedy_decode(model, ids, n)[:, ids.shape[-1]:], "only the new")]),
-], ids=["top_k", "top_p", "greedy"])
+    (checks.check_repetition_penalty, solutions.apply_repetition_penalty,
+     [(lambda x, ids, pen: x.scatter(-1, ids, x.gather(-1, ids) / pen), "multiply the negative ones"),
+      (lambda x, ids, pen: functools.reduce(lambda acc, i: sampling.repetition_penalty(acc, i[:, None], pen),
+                                            ids.unbind(-1), x), "penalized several times")]),
+    (checks.check_stop_sequence, solutions.cut_at_stop,
+     [(lambda text, stops: next((text[:text.find(s) + len(s)] for s in stops if s in text), text),
+       "cut before it"),
+      (lambda text, stops: next((text[:text.find(s)] for s in stops if s in text), text),
+       "not the earliest in the text")]),
+], ids=["top_k", "top_p", "greedy", "repetition_penalty", "stop_sequence"])
 def test_checkers_pass_the_solution_and_fail_wrong_answers(check, solution, wrong_answers, verdicts):
     verdicts(check, solution, *wrong_answers)
 

@@ -1,4 +1,5 @@
-"""Checkers of notebook 04 (sampling): the top-k and top-p filters, greedy decoding."""
+"""Checkers of notebook 04 (sampling): the top-k and top-p filters, greedy decoding, the repetition
+penalty, stop sequences."""
 
 from __future__ import annotations
 
@@ -75,4 +76,39 @@ def check_greedy_decode(student_fn: Callable) -> Verdict:
                 and torch.equal(got[:, :ids.shape[-1]], ids)),
         Mistake("not n_new tokens: append exactly one token per step, n_new steps.",
                 lambda got, want, *_: got.shape[-1] != want.shape[-1]),
+    ])
+
+
+def check_repetition_penalty(student_fn: Callable) -> Verdict:
+    """Exercise (04): `student_fn(logits, input_ids, penalty)` lowers every seen token's logit."""
+    logits = torch.tensor([[2.0, -1.0, 3.0, 0.5, -2.5, 1.0]])
+    batch = torch.randn(2, 40, generator=torch.Generator().manual_seed(7)) * 3
+    cases = [Case("positive and negative logits, penalty 2", (logits, torch.tensor([[0, 1, 4]]), 2.0)),
+             Case("a token seen three times, penalty 1.3", (logits, torch.tensor([[2, 2, 2, 3]]), 1.3)),
+             Case("a batch of two, penalty 0.8 (a bonus)",
+                  (batch, torch.tensor([[0, 5, 9], [1, 1, 30]]), 0.8))]
+    return run_check("Repetition penalty", student_fn, solutions.apply_repetition_penalty, cases, mistakes=[
+        Mistake.answer("every seen logit was divided: a negative logit divided by the penalty moves UP, "
+                       "towards 0; multiply the negative ones instead.",
+                       lambda x, ids, pen: x.scatter(-1, ids, x.gather(-1, ids) / pen)),
+        Mistake("a token seen several times was penalized several times: the penalty applies once per "
+                "token, however often it appears (gather, then scatter, once).",
+                lambda got, want, x, ids, pen: ids.unique().numel() < ids.numel()
+                and bool((got < want).any())),
+    ])
+
+
+def check_stop_sequence(student_fn: Callable) -> Verdict:
+    """Exercise (04): `student_fn(text, stops)` cuts the reply before the earliest stop string."""
+    cases = [Case("one stop string", ("Paris.\nUser: and Rome?", ["\nUser:"])),
+             Case("two, the second one earlier in the text", ("Yes</s> sure\nUser: ok", ["\nUser:", "</s>"])),
+             Case("no stop string in the text", ("Just an answer.", ["\nUser:"])),
+             Case("the stop string at the very start", ("\nUser: hi", ["\nUser:"]))]
+    return run_check("Stop sequences", student_fn, solutions.cut_at_stop, cases, mistakes=[
+        Mistake("the stop string is still there: cut before it, text[:i], not after it.",
+                lambda got, want, text, stops: isinstance(got, str) and got != want
+                and any(got == want + s for s in stops)),
+        Mistake("cut at the first stop string of the list, not the earliest in the text: find each one "
+                "and keep the smallest position.",
+                lambda got, want, text, stops: isinstance(got, str) and len(got) > len(want)),
     ])

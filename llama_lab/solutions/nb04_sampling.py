@@ -1,4 +1,5 @@
-"""Solutions of notebook 04 (sampling): the top-k and top-p filters, greedy decoding."""
+"""Solutions of notebook 04 (sampling): the top-k and top-p filters, greedy decoding, the repetition
+penalty, stop sequences."""
 
 from __future__ import annotations
 
@@ -52,3 +53,35 @@ def greedy_decode(model, input_ids, n_new: int):
             next_id = model(input_ids).logits[:, -1].argmax(-1, keepdim=True)
             input_ids = torch.cat([input_ids, next_id], dim=-1)
     return input_ids
+
+
+@exercise(
+    idea="every token already in the text gets a lower score, whatever its sign: a positive logit moves "
+         "towards 0, a negative one away from it, so dividing alone would raise negative ones.",
+    step="seen = logits.gather(-1, input_ids); penalized = torch.where(seen < 0, seen * penalty, "
+         "seen / penalty); return logits.scatter(-1, input_ids, penalized) (a token seen twice is "
+         "penalized once).")
+def apply_repetition_penalty(logits, input_ids, penalty: float):
+    """Lower the logit of every token that appears in `input_ids` (batch, tokens): divide it by
+    `penalty` when positive, multiply it when negative (CTRL, Keskar et al. 2019, section 4.1).
+
+    >>> apply_repetition_penalty(torch.tensor([[2.0, -1.0, 3.0]]), torch.tensor([[0, 1, 1]]), 2.0)
+    tensor([[ 1., -2.,  3.]])
+    """
+    seen = logits.gather(-1, input_ids)
+    return logits.scatter(-1, input_ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
+@exercise(
+    idea="a stop sequence ends the reply where it first appears in the text, whichever of the stop "
+         "strings that is; the stop string itself is not part of the reply.",
+    step="for each stop string s, i = text.find(s) (-1: absent); take the smallest i that is not -1 and "
+         "return text[:i]; with none found, return the whole text.")
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """The reply up to (not including) the earliest of the `stops` strings found in `text`.
+
+    >>> cut_at_stop("Paris.\\nUser: and Rome?", ["\\nUser:", "</s>"])
+    'Paris.'
+    """
+    found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    return text[:min(found)] if found else text
