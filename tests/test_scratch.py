@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama as hf
 
 from llama_lab import checks, scratch, solutions
+from llama_lab.checks.nb03_block import _block_variant
 from llama_lab.errors import ContextLengthError, InvalidSettingError
 from llama_lab.models import load_model
 from llama_lab.sizing import llama2_config
@@ -287,3 +289,55 @@ def test_causal_mask_solution_is_what_positions_allow():
 ], ids=["ffn_dim", "rotary_interleaved", "causal_mask_after_cache"])
 def test_checkers(check, solution, wrong_answers, verdicts):
     verdicts(check, solution, *wrong_answers)
+
+
+# --- the block written piece by piece (notebook 03's exercises), checked against transformers -------
+
+def _sdpa(q, k, v, **kwargs):
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def _repeated(t, q):
+    return t.repeat(1, q.shape[1] // t.shape[1], 1, 1)
+
+
+@pytest.mark.parametrize("check, solution, wrong_answers", [
+    (checks.check_rms_norm, solutions.rms_norm,
+     [(lambda x, w, eps: F.layer_norm(x, x.shape[-1:], w, None, eps), "subtracts the mean"),
+      (lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps), "weight is missing"),
+      (lambda x, w, eps: w * x / x.norm(dim=-1, keepdim=True), "root mean square")]),
+    (checks.check_apply_rope, solutions.apply_rope,
+     [(lambda x, cos, sin: x * cos - scratch.rotate_half(x) * sin, "the other way"),
+      (lambda x, cos, sin: x * cos + torch.stack([-x[..., 1::2], x[..., ::2]], -1).flatten(-2) * sin,
+       "neighbours (2i, 2i+1)"),
+      (lambda x, cos, sin: x, "unchanged")]),
+    (checks.check_causal_gqa, solutions.causal_gqa,
+     [(lambda q, k, v: _sdpa(q, k, v, enable_gqa=True), "no causal mask"),
+      (lambda q, k, v: _sdpa(q, _repeated(k, q), _repeated(v, q), is_causal=True), "wrong order"),
+      (lambda q, k, v: _sdpa(q, k, v, is_causal=True, enable_gqa=True, scale=1.0), "not scaled"),
+      (lambda q, k, v: _sdpa(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2), "another shape")]),
+    (checks.check_swiglu, solutions.swiglu,
+     [(lambda x, g, u, d: F.linear(F.silu(F.linear(x, u)) * F.linear(x, g), d), "on the up projection"),
+      (lambda x, g, u, d: F.linear(F.relu(F.linear(x, g)) * F.linear(x, u), d), "SwiGLU is a gated MLP"),
+      (lambda x, g, u, d: F.linear(F.gelu(F.linear(x, g)) * F.linear(x, u), d), "another activation")]),
+    (checks.check_decoder_block, solutions.decoder_block,
+     [(lambda *args: _block_variant(*args, pre_norm=False), "post-norm"),
+      (lambda *args: _block_variant(*args, residual=False), "residual connections are missing"),
+      (lambda x, *args: x, "pre-norm block")]),
+], ids=["rms_norm", "apply_rope", "causal_gqa", "swiglu", "decoder_block"])
+def test_block_checkers(check, solution, wrong_answers, verdicts):
+    verdicts(check, solution, *wrong_answers)
+
+
+def test_block_solution_is_the_scratch_block():
+    """The solution written with functions equals `scratch.TransformerBlock` on the same weights."""
+    config = scratch.Config(vocab_size=10, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16,
+                            ffn_dim=176)
+    torch.manual_seed(0)
+    block = scratch.TransformerBlock(config).eval()
+    cos, sin = scratch.rope_tables(16, 6)
+    x = torch.randn(2, 6, 64)
+    weights = {key.split(".")[-2]: value for key, value in block.state_dict().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(solutions.decoder_block(x, weights, cos, sin, 4, 2), block(x, cos, sin),
+                                   atol=1e-5, rtol=1e-4)

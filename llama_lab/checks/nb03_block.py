@@ -1,12 +1,25 @@
-"""Checkers of notebook 03 (the transformer block): the MLP width, Meta's RoPE, the cached mask."""
+"""Checkers of notebook 03 (the transformer block): the MLP width, Meta's RoPE, the cached mask, and the
+block written piece by piece (RMSNorm, RoPE, causal GQA, SwiGLU, the layer) against transformers' modules."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 
-from llama_lab import solutions
+from llama_lab import models, scratch, sizing, solutions
 from llama_lab.checks import Case, Mistake, Verdict, run_check
 
 
@@ -66,3 +79,208 @@ def check_causal_mask_after_cache(student_fn: Callable) -> Verdict:
             Mistake("a new token sees a later new token: keys after the query must be False.",
                     lambda got, want, *_: bool((got & ~want).any())),
         ])
+
+
+# --- the block written piece by piece, each checked against transformers' own module ------------
+# The modules are built from two configs, the tiny model's and SmolLM2-135M's shape (its config.json:
+# hidden 576, 9 query heads sharing 3 KV heads of width 64, MLP 1536, RoPE base 100,000), with
+# seeded random weights; the learner's function gets the same weights and input.
+
+def _configs() -> list[tuple[str, LlamaConfig]]:
+    smollm2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
+                          num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+                          rms_norm_eps=1e-5, max_position_embeddings=8192)
+    configs = [("the tiny model's shape", models.tiny_config()), ("SmolLM2-135M's shape", smollm2)]
+    for _, config in configs:
+        config._attn_implementation = "sdpa"  # causal without a mask, as in the models
+    return configs
+
+
+def _seeded(module: nn.Module, seed: int) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            scale = p.shape[-1] ** -0.5 if p.dim() > 1 else 1.0
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    return module.eval()
+
+
+def _rope(config: LlamaConfig, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own rope tables for positions 0..seq-1, shape (seq, head_dim)."""
+    x = torch.zeros(1, seq, config.hidden_size)
+    cos, sin = LlamaRotaryEmbedding(config)(x, torch.arange(seq)[None])
+    return cos[0], sin[0]
+
+
+def _input(config: LlamaConfig, *shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _meta_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A transformers layer's weights under Meta's short names: wq, wk, wv, wo, w1, w2, w3, the norms."""
+    return {key.split(".")[-2]: value.detach() for key, value in
+            scratch.convert_hf_state_dict(module.state_dict()).items()}
+
+
+_SHAPE = Mistake("the output has another shape than the module's: it should have the input's shape, "
+                 "(batch, heads, seq, head_dim) for attention.",
+                 lambda got, want, *_: got.shape != want.shape)
+
+
+def check_rms_norm(student_fn: Callable) -> Verdict:
+    """Exercise (03): `student_fn(x, weight, eps)` is RMSNorm, against transformers' LlamaRMSNorm."""
+    cases = []
+    for name, config in _configs():
+        norm = _seeded(LlamaRMSNorm(config.hidden_size, config.rms_norm_eps), 0)
+        x = _input(config, 2, 5, config.hidden_size) * 3 + 1
+        with torch.no_grad():
+            cases.append(Case(f"LlamaRMSNorm of {name} (hidden {config.hidden_size})",
+                              (x, norm.weight.detach(), config.rms_norm_eps), expected=norm(x)))
+    return run_check("RMSNorm", student_fn, solutions.rms_norm, cases, rel=1e-4, mistakes=[
+        _SHAPE,
+        Mistake.answer("that subtracts the mean, as LayerNorm does; RMSNorm only divides by the root mean "
+                       "square.", lambda x, w, eps: w * (x - x.mean(-1, keepdim=True)) * torch.rsqrt(
+                           x.var(-1, keepdim=True, unbiased=False) + eps), rel=1e-4),
+        Mistake.answer("the learnt weight is missing: multiply by `weight` after normalising.",
+                       lambda x, w, eps: solutions.rms_norm(x, torch.ones_like(w), eps), rel=1e-4),
+        Mistake.answer("the mean is taken over the wrong dimension: over the last one, the hidden size.",
+                       lambda x, w, eps: w * x * torch.rsqrt(x.pow(2).mean(-2, keepdim=True) + eps),
+                       rel=1e-4),
+    ])
+
+
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): neighbours as pairs, Meta's layout."""
+    return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
+
+
+def check_apply_rope(student_fn: Callable) -> Verdict:
+    """Exercise (03): `student_fn(x, cos, sin)` rotates x (batch, heads, seq, head_dim), against
+    transformers' apply_rotary_pos_emb with the model's own rope tables."""
+    cases = []
+    for name, config in _configs():
+        d, seq = sizing.head_dim(config), 7
+        cos, sin = _rope(config, seq)
+        x = _input(config, 1, config.num_attention_heads, seq, d)
+        rotated, _ = apply_rotary_pos_emb(x, x, cos[None], sin[None])
+        cases.append(Case(f"queries of {name} ({config.num_attention_heads} heads of {d}, {seq} positions)",
+                          (x, cos, sin), expected=rotated))
+    rotate_half = scratch.rotate_half
+    return run_check("Applying RoPE", student_fn, solutions.apply_rope, cases, rel=1e-4, mistakes=[
+        _SHAPE,
+        Mistake.answer("x came back unchanged: every position but 0 must turn.", lambda x, cos, sin: x),
+        Mistake.answer("that turns the other way: rotate_half(x) is cat(-x2, x1), added with + sin.",
+                       lambda x, cos, sin: x * cos - rotate_half(x) * sin, rel=1e-4),
+        Mistake.answer("that pairs neighbours (2i, 2i+1), Meta's layout; transformers pairs dimension i with "
+                       "i + head_dim/2 (the two halves).",
+                       lambda x, cos, sin: x * cos + _rotate_pairs(x) * sin, rel=1e-4),
+    ])
+
+
+def _attention(q, k, v, causal: bool = True, scale: bool = True, interleave: bool = True):
+    groups = q.shape[1] // k.shape[1]
+    k, v = ((t.repeat_interleave(groups, dim=1) if interleave else t.repeat(1, groups, 1, 1)) for t in (k, v))
+    scores = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5 if scale else 1)
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores[0, 0], dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def check_causal_gqa(student_fn: Callable) -> Verdict:
+    """Exercise (03): `student_fn(q, k, v)` is causal grouped-query attention, against transformers'
+    eager attention of LlamaAttention (queries and keys after RoPE, as the model makes them)."""
+    cases = []
+    for name, config in _configs():
+        module = LlamaAttention(config, layer_idx=0).eval()
+        d, seq = sizing.head_dim(config), 6
+        q = _input(config, 2, config.num_attention_heads, seq, d, seed=2)
+        k = _input(config, 2, config.num_key_value_heads, seq, d, seed=3)
+        v = _input(config, 2, config.num_key_value_heads, seq, d, seed=4)
+        future = torch.ones(seq, seq, dtype=torch.bool).triu(1)
+        mask = torch.zeros(seq, seq).masked_fill(future, float("-inf"))
+        out, _ = eager_attention_forward(module, q, k, v, mask[None, None], scaling=d ** -0.5)
+        cases.append(Case(f"{name}: {config.num_attention_heads} query heads, {config.num_key_value_heads} "
+                          f"KV heads, {seq} tokens", (q, k, v), expected=out.transpose(1, 2)))
+    return run_check("Causal grouped-query attention", student_fn, solutions.causal_gqa, cases, rel=1e-4,
+                     mistakes=[
+        _SHAPE,
+        Mistake.answer("no causal mask: a query sees the keys after it. Set the scores above the diagonal "
+                       "to -inf before the softmax.",
+                       lambda q, k, v: _attention(q, k, v, causal=False), 1e-4),
+        Mistake.answer("the scores are not scaled: divide q k^T by sqrt(head_dim).",
+                       lambda q, k, v: _attention(q, k, v, scale=False), 1e-4),
+        Mistake.answer("the KV heads are shared in the wrong order: `repeat` gives query head h the KV head "
+                       "h % n_kv; the query heads of a group are neighbours (repeat_interleave).",
+                       lambda q, k, v: _attention(q, k, v, interleave=False), 1e-4),
+    ])
+
+
+def check_swiglu(student_fn: Callable) -> Verdict:
+    """Exercise (03): `student_fn(x, w_gate, w_up, w_down)` is the SwiGLU MLP, against LlamaMLP."""
+    cases = []
+    for name, config in _configs():
+        mlp = _seeded(LlamaMLP(config), 5)
+        x = _input(config, 2, 4, config.hidden_size)
+        with torch.no_grad():
+            cases.append(Case(f"LlamaMLP of {name} ({config.hidden_size} -> {config.intermediate_size})",
+                              (x, mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(),
+                               mlp.down_proj.weight.detach()), expected=mlp(x)))
+    linear = F.linear
+    return run_check("SwiGLU MLP", student_fn, solutions.swiglu, cases, rel=1e-4, mistakes=[
+        _SHAPE,
+        Mistake.answer("SiLU went on the up projection: it belongs on the GATE (gate_proj).",
+                       lambda x, g, u, d: solutions.swiglu(x, u, g, d), 1e-4),
+        Mistake.answer("the gate is not multiplied by the up projection: silu(gate x) * (up x).",
+                       lambda x, g, u, d: linear(F.silu(linear(x, g)), d), 1e-4),
+        Mistake.answer("that is another activation: Llama's MLP uses SiLU (x * sigmoid(x)).",
+                       lambda x, g, u, d: linear(F.gelu(linear(x, g)) * linear(x, u), d), 1e-4),
+    ])
+
+
+def _block_variant(x, w, cos, sin, n_heads, n_kv_heads, eps, pre_norm=True, residual=True):
+    """The decoder layer with one step changed: post-norm, or no residual connections."""
+    s = solutions
+    batch, seq, _ = x.shape
+
+    def attend(h):
+        def heads(t, n):
+            return t.view(batch, seq, n, -1).transpose(1, 2)
+        q = s.apply_rope(heads(F.linear(h, w["wq"]), n_heads), cos, sin)
+        k = s.apply_rope(heads(F.linear(h, w["wk"]), n_kv_heads), cos, sin)
+        out = s.causal_gqa(q, k, heads(F.linear(h, w["wv"]), n_kv_heads))
+        return F.linear(out.transpose(1, 2).reshape(batch, seq, -1), w["wo"])
+
+    def mlp(h):
+        return s.swiglu(h, w["w1"], w["w3"], w["w2"])
+
+    if not pre_norm:
+        h = s.rms_norm(x + attend(x), w["attention_norm"], eps)
+        return s.rms_norm(h + mlp(h), w["ffn_norm"], eps)
+    h = attend(s.rms_norm(x, w["attention_norm"], eps)) + (x if residual else 0)
+    return mlp(s.rms_norm(h, w["ffn_norm"], eps)) + (h if residual else 0)
+
+
+def check_decoder_block(student_fn: Callable) -> Verdict:
+    """Exercise (03): `student_fn(x, w, cos, sin, n_heads, n_kv_heads, eps)` is one decoder layer,
+    against transformers' LlamaDecoderLayer with the same weights."""
+    cases = []
+    for name, config in _configs():
+        layer = _seeded(LlamaDecoderLayer(config, layer_idx=0), 6)
+        seq = 5
+        cos, sin = _rope(config, seq)
+        x = _input(config, 1, seq, config.hidden_size)
+        with torch.no_grad():
+            out = layer(x, position_embeddings=(cos[None], sin[None]))
+        cases.append(Case(f"LlamaDecoderLayer of {name}, {seq} tokens",
+                          (x, _meta_weights(layer), cos, sin, config.num_attention_heads,
+                           config.num_key_value_heads, config.rms_norm_eps), expected=out))
+    return run_check("Decoder block", student_fn, solutions.decoder_block, cases, rel=1e-3, mistakes=[
+        Mistake("the output has another shape than the layer's: (batch, seq, hidden), as the input.",
+                lambda got, want, *_: got.shape != want.shape),
+        Mistake.answer("that normalises AFTER adding (post-norm, the 2017 Transformer); Llama normalises the "
+                       "sublayer's input and adds its output to the raw stream (pre-norm).",
+                       lambda *args: _block_variant(*args, pre_norm=False), 1e-3),
+        Mistake.answer("the residual connections are missing: add each sublayer's output to its input, "
+                       "x + attention(norm(x)), then h + mlp(norm(h)).",
+                       lambda *args: _block_variant(*args, residual=False), 1e-3),
+    ])
