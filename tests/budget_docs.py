@@ -37,9 +37,9 @@ PLANS = {
     "Half day: from text to tokens to attention to words": [
         ("Welcome; `llama-lab doctor` on every laptop", 15), "00", "01", ("Break", 15), "02", "04",
         ("Questions; what to read next", 10)],
-    "Full day: the whole model, trained, quantized and served": [
-        ("Welcome; `llama-lab doctor` on every laptop", 15), "00", "01", ("Break", 15), "02", "03",
-        ("Lunch", 60), "04", "05", ("Break", 15), "06", "07", ("Questions; what to read next", 15)],
+    "Full day (9:00 to 17:00): the whole model, trained, quantized and served": [
+        ("Welcome; `llama-lab doctor` on every laptop", 10), "00", "01", ("Break", 15), "02", "03",
+        ("Lunch", 60), "04", "05", ("Break", 15), "06", "07", ("Questions; what to read next", 10)],
 }
 
 
