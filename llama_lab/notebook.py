@@ -1,13 +1,16 @@
 """What the notebooks call besides the lessons: `setup` first (fixed seeds, quiet logs, one
-plot style), `show` to print a library function's code, `best_seconds` to time a call."""
+plot style), `show` to print a library function's code, `best_seconds` to time a call,
+`quiet_stderr` to keep a C++ library's log lines (the profiler's) out of a cell's output."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import matplotlib as mpl
 import numpy as np
@@ -59,3 +62,21 @@ def best_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Send whatever is written to the process's standard error (file descriptor 2, where C++
+    libraries log: torch.profiler's "profiler_start" lines) to /dev/null inside the block.
+
+    >>> with quiet_stderr():
+    ...     _ = os.write(2, b"this line goes nowhere\\n")
+    """
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
