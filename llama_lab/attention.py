@@ -138,21 +138,8 @@ def queries_keys(model, input_ids: torch.Tensor, layer: int) -> tuple[torch.Tens
     layer's q and k projections, and the cos and sin of its rotary embedding.
     """
     attention = model.model.layers[layer].self_attn
-    seen = {}
-
-    def keep(name: str):
-        def hook(module, args, output):
-            seen[name] = output
-        return hook
-
     watched = {"q": attention.q_proj, "k": attention.k_proj, "cos_sin": model.model.rotary_emb}
-    handles = [module.register_forward_hook(keep(name)) for name, module in watched.items()]
-    try:
-        with torch.no_grad():
-            model(input_ids.reshape(1, -1).to(model.device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    seen = _run_keeping(model, input_ids, watched)
     cos, sin = (t[0] for t in seen["cos_sin"])  # (tokens, head_dim): batch 1
     q, k = (seen[name][0].unflatten(-1, (-1, attention.head_dim)).transpose(0, 1) for name in "qk")
     q, k = scratch.apply_rotary(q, cos, sin), scratch.apply_rotary(k, cos, sin)
