@@ -104,8 +104,8 @@ def _memory_limit_note() -> str:
 
 
 def _compiler_row() -> str:
-    from llama_lab.errors import CompilerNotFoundError
     from llama_lab.compiled_decode import require_cpp_compiler
+    from llama_lab.errors import CompilerNotFoundError
 
     try:
         text, ok = f"{require_cpp_compiler()}  (torch.compile: notebook 04, compiled_decode)", True
@@ -279,7 +279,8 @@ def solutions(folder: Path, run: bool) -> int:
     report = solved.write_solved(launch.shipped_notebooks(), folder.resolve(), run)
     failed = [name for name, (n, lines) in report.items() if run and not solved.passed(n, lines)]
     for name, (n, lines) in report.items():
-        verdict = ("all passed" if name not in failed else "FAILED: " + "; ".join(lines)) if run else "written"
+        verdict = "all passed" if name not in failed else "FAILED: " + "; ".join(lines)
+        verdict = verdict if run else "written"
         print(f"  {name}: {n} exercises, {verdict}")
     return 1 if failed else 0
 

