@@ -3,11 +3,13 @@ install llama-lab the way a learner or Binder does."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +37,15 @@ def build_wheel(dest: Path) -> Path:
     shutil.rmtree(source)
     [wheel] = dest.glob("llama_lab-*.whl")
     return wheel
+
+
+@contextlib.contextmanager
+def scratch(prefix: str):
+    """A temporary folder of this test's own, removed at the end. Not pytest's tmp_path: pytest keeps
+    the folders of its last three sessions only, and another session started meanwhile on the same
+    machine would delete a long test's environment under it."""
+    with tempfile.TemporaryDirectory(prefix=f"llama-lab-{prefix}-") as folder:
+        yield Path(folder)
 
 
 def free_port() -> int:

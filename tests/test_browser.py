@@ -30,7 +30,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tests.fresh import free_port
+from tests.fresh import free_port, scratch
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -85,12 +85,17 @@ def cleared_copy(source: Path, folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def jupyterlab(tmp_path_factory):
+def jupyterlab():
+    with scratch("browser") as root:
+        yield from serve_notebooks(root)
+
+
+def serve_notebooks(root: Path):
     """JupyterLab on 127.0.0.1, no token, serving cleared copies of the notebooks; stopped at the end."""
-    folder = tmp_path_factory.mktemp("lab")
+    folder, settings, workspaces = root / "lab", root / "lab-settings", root / "lab-workspaces"
+    folder.mkdir()
     for path in NOTEBOOKS:
         cleared_copy(path, folder)
-    settings = tmp_path_factory.mktemp("lab-settings")
     tracker = settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
     tracker.parent.mkdir(parents=True)
     tracker.write_text(json.dumps({"windowingMode": "none"}))  # every cell in the page, to be checked
@@ -104,8 +109,8 @@ def jupyterlab(tmp_path_factory):
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         command.append("--allow-root")  # this test's own server, on 127.0.0.1 without a token
     env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(settings),
-           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path_factory.mktemp("lab-workspaces"))}
-    log = open(folder.parent / "jupyterlab.log", "w")  # noqa: SIM115 (closed below)
+           "JUPYTERLAB_WORKSPACES_DIR": str(workspaces)}
+    log = open(root / "jupyterlab.log", "w")  # noqa: SIM115 (closed below)
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:

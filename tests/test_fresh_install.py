@@ -17,11 +17,12 @@ import signal
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from scripts import sync_notebooks
-from tests.fresh import ROOT, build_wheel, free_port, new_venv
+from tests.fresh import ROOT, build_wheel, free_port, new_venv, scratch
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +34,19 @@ def readme_commands() -> list[str]:
     return [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
 
 
-def test_readme_commands_install_llama_lab_from_any_folder(tmp_path):
+def test_readme_commands_install_llama_lab_from_any_folder():
+    with scratch("fresh-install") as folder:
+        install_and_open(folder)
+
+
+def install_and_open(folder: Path) -> None:
     commands = readme_commands()
     assert commands[-1] == "llama-lab lab" and commands[0].startswith("pip install torch --index-url")
-    wheel = build_wheel(tmp_path / "wheelhouse")
-    home, work = tmp_path / "home", tmp_path / "somewhere"
+    wheel = build_wheel(folder / "wheelhouse")
+    home, work = folder / "home", folder / "somewhere"
     home.mkdir()
     work.mkdir()
-    env = new_venv(tmp_path / "venv", home=home)
+    env = new_venv(folder / "venv", home=home)
     for cache in ("LLAMA_LAB_CACHE", "XDG_CACHE_HOME"):  # a new user: the model is converted afresh
         env.pop(cache, None)
     for command in commands[:-1]:
