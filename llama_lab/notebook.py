@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import random
 import time
@@ -21,7 +22,8 @@ def setup(seed: int = 0) -> None:
     """Make a notebook reproducible and its output stable.
 
     Seeds Python, NumPy and torch; silences transformers' info logs, progress
-    bars and the warnings they print on every load; sets a small, readable
+    bars and the warnings they print on every load (and bitsandbytes' notices
+    about its optional CPU kernels); sets a small, readable
     figure style so stored notebooks stay light.
     """
     import huggingface_hub.utils
@@ -31,6 +33,7 @@ def setup(seed: int = 0) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its notices when peft imports it on a CPU
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
     warnings.filterwarnings("ignore", module="transformers")
