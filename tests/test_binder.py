@@ -92,7 +92,8 @@ def test_binder_runs_notebook_00_and_the_heaviest_within_2_gib(binder):
     # The test's harness, not part of the image: nbval plays the part of the Jupyter server.
     subprocess.run(["pip", "install", "-q", "pytest", "nbval", "ipykernel"], env=env, check=True)
     command = ["binder/start", "python", "-m", "pytest", "-q", f"--nb-budgets={budgets}",
-               f"--nb-memory-limit={nb_budgets.LIMIT_BYTES}", *(f"notebooks/{name}" for name in notebooks)]
+               f"--nb-memory-limit={nb_budgets.LIMIT_BYTES}", "--nbval-cell-timeout=1800",  # a hang guard
+               *(f"notebooks/{name}" for name in notebooks)]
     run = subprocess.run(command, cwd=repo, env={**env, "MEM_LIMIT": str(MEM_LIMIT)}, capture_output=True,
                          text=True)
     print(run.stdout[-20_000:], run.stderr[-2000:])
