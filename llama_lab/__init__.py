@@ -14,7 +14,7 @@ import pkgutil
 
 from llama_lab.hardware import choose_track, pick_track
 from llama_lab.models import MODELS, available_memory, default_model_name, load_model
-from llama_lab.notebook import best_seconds, setup, show
+from llama_lab.notebook import best_seconds, release_memory, setup, show
 from llama_lab.sizing import (
     count_parameters,
     decode_roofline,
@@ -33,7 +33,7 @@ __all__ = [
     "MODELS", "available_memory", "best_seconds", "choose_track", "count_parameters", "decode_roofline",
     "default_model_name", "pick_track",
     "kv_cache_bytes_per_token", "llama2_config", "load_model", "memory_estimate", "parameter_breakdown",
-    "setup", "show", *sorted(_LESSON_MODULES),
+    "release_memory", "setup", "show", *sorted(_LESSON_MODULES),
 ]
 
 
