@@ -231,12 +231,26 @@ def summary(run: dict) -> str:
     return "; ".join(parts)
 
 
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters, with the scales bitsandbytes keeps beside its 4-bit ones."""
+    total = 0
+    for p in model.parameters():
+        total += p.numel() * p.element_size()
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            total += state.absmax.nbytes + (state.state2.absmax.nbytes if state.nested else 0)
+    return total
+
+
 def to_nf4(model, device: str) -> int:
     """Replace every linear layer of the decoder by bitsandbytes' NF4 one (double-quantized scales,
     bf16 compute), freeing each bf16 weight as it goes; returns the bytes of the model's weights."""
     from llama_lab.quantize import import_bitsandbytes
 
     bnb = import_bitsandbytes(device)
+    if hasattr(model, "_compiled_call"):  # the compiled bf16 step and its CUDA graphs: not needed any more
+        del model._compiled_call
+    torch._dynamo.reset()
     for layer in model.model.layers:
         for parent in list(layer.modules()):
             for child_name, child in list(parent.named_children()):
@@ -249,8 +263,7 @@ def to_nf4(model, device: str) -> int:
                     setattr(parent, child_name, q)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-        return torch.cuda.memory_allocated()
-    return model.get_memory_footprint()
+    return weight_bytes(model)
 
 
 class Budget:
