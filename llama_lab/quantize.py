@@ -27,7 +27,6 @@ The second half measures a model: `perplexity`, `decode_tokens_per_s`, and
 from __future__ import annotations
 
 import ctypes
-import gc
 import importlib.metadata
 import logging
 import math
@@ -40,6 +39,7 @@ import torch
 from packaging.version import Version
 
 from llama_lab.errors import InvalidSettingError, QuantizationError
+from llama_lab.notebook import release_memory
 
 MIN_BITSANDBYTES = "0.48"  # the first release that quantizes on a CPU
 NF4_BLOCKSIZE = 64
@@ -289,23 +289,11 @@ def measure(variant: str, name: str | None = None, text: str | None = None,
     return result
 
 
-def _glibc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, Windows, musl)
-        return None
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed memory back to the system (glibc keeps it otherwise)."""
-    gc.collect()
-    if libc := _glibc():
-        libc.malloc_trim(0)
-
-
 def _map_large_allocations() -> None:
     """Give each allocation above 128 KiB its own mapping, returned to the system when freed. By
     default glibc raises that threshold as big blocks are freed, then keeps them: loading SmolLM2 in
     NF4 would grow the process by 0.8 GB instead of 0.3."""
-    if libc := _glibc():
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        pass
