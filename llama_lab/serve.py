@@ -690,18 +690,27 @@ class BackgroundServer:
     def __init__(self, app: flask.Flask, host: str = "127.0.0.1", port: int = 0):
         self._server = make_server(app, host, port)
         self.url = f"http://{host}:{self._server.effective_port}"
-        self._thread = threading.Thread(target=self._server.run, name="llama-lab-server", daemon=True)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="llama-lab-server", daemon=True)
         self._thread.start()
 
+    def _serve(self) -> None:
+        """waitress's loop, one poll at a time (at most `asyncore_loop_timeout`, 1 s) until `stop`."""
+        from waitress import wasyncore
+
+        adj = self._server.adj
+        while not self._stopping.is_set():
+            wasyncore.loop(adj.asyncore_loop_timeout, adj.asyncore_use_poll, self._server._map, count=1)
+
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting, finish the requests in flight (up to `timeout`), close every connection."""
+        """Finish the requests in flight (up to `timeout`) while the loop still sends their answers,
+        end the loop, then close every socket: no poll can meet a closed one."""
         from waitress import wasyncore
 
         self._server.task_dispatcher.shutdown(timeout=timeout)
-        # Close the sockets from the server's own thread, between two polls (from this thread,
-        # its poll could meet a closed socket); with none left, its loop ends.
-        self._server.trigger.pull_trigger(lambda: wasyncore.close_all(self._server._map))
+        self._stopping.set()
         self._thread.join(timeout)
+        wasyncore.close_all(self._server._map)
 
     @property
     def running(self) -> bool:
