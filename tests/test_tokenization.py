@@ -269,17 +269,39 @@ def test_check_apply_merge(verdicts):
              (lambda ids, pair, new_id: [i for i in ids if i not in pair], "new_id never appears"))
 
 
-def test_check_chat_prompt_tokens(verdicts):
-    def double_bos(tokenizer, messages):
-        return len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False,
-                                                           add_generation_prompt=True)).input_ids)
+def test_check_lost_characters(verdicts):
+    def with_bos(tokenizer, text):
+        return [c for c in dict.fromkeys(text) if tokenizer.decode(tokenizer.encode(c)) != c]
 
-    def no_generation_prompt(tokenizer, messages):
-        return len(tokenizer.apply_chat_template(messages, return_dict=False))
+    def every_occurrence(tokenizer, text):
+        return [c for c in text if c in solutions.lost_characters(tokenizer, text)]
 
-    def characters(tokenizer, messages):
-        return len(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    def sorted_by_code_point(tokenizer, text):
+        return sorted(solutions.lost_characters(tokenizer, text))
 
-    verdicts(checks.check_chat_prompt_tokens, solutions.chat_prompt_tokens,
-             (double_bos, "a second BOS"), (no_generation_prompt, "the opening of the assistant's turn"),
-             (characters, "in characters"))
+    verdicts(checks.check_lost_characters, solutions.lost_characters,
+             (with_bos, "add_special_tokens=False"), (every_occurrence, "more than once"),
+             (sorted_by_code_point, "wrong order"))
+
+
+def test_lost_characters_on_the_notebooks_tokenizers(smollm2_tokenizer, sp, corpus):
+    plain = tokenization.to_transformers(tokenization.train_sentencepiece(corpus, 2000, byte_fallback=False))
+    assert solutions.lost_characters(plain, "I 🦙 Quetzalcoatl") == ["🦙", "Q"]
+    assert solutions.lost_characters(tokenization.to_transformers(sp), "I 🦙 Quetzalcoatl") == []
+    assert solutions.lost_characters(smollm2_tokenizer, "a\x04b\x05🦙") == ["\x04"]  # byte 4 has no token
+
+
+def test_check_prompt_cost_ratio(verdicts):
+    def inverted(tokenizer, english, portuguese):
+        return 1 / solutions.prompt_cost_ratio(tokenizer, english, portuguese)
+
+    def characters(tokenizer, english, portuguese):
+        return len(portuguese) / len(english)
+
+    def content_only(tokenizer, english, portuguese):
+        count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+        return count(portuguese) / count(english)
+
+    verdicts(checks.check_prompt_cost_ratio, solutions.prompt_cost_ratio,
+             (inverted, "upside down"), (characters, "ratio of characters"),
+             (content_only, "chat format too"))

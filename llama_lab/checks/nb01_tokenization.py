@@ -1,4 +1,5 @@
-"""Checkers of notebook 01 (tokenization): counting pairs, applying a merge, tokens of a chat."""
+"""Checkers of notebook 01 (tokenization): counting pairs, applying a merge, what a tokenizer loses,
+what a language costs."""
 
 from __future__ import annotations
 
@@ -38,25 +39,57 @@ def check_apply_merge(student_fn: Callable) -> Verdict:
     ])
 
 
-def check_chat_prompt_tokens(student_fn: Callable) -> Verdict:
-    """Exercise (01): `student_fn(tokenizer, messages)` counts the tokens of the rendered chat prompt."""
+def _small_tokenizers() -> dict:
+    """Two quick tokenizers: byte-level with ChatML, and Llama-2-style SentencePiece without byte
+    fallback (it loses what its 1,000 pieces lack), with Llama-2-chat's template."""
     from llama_lab import models, tokenization
 
-    chatml = models.tiny_tokenizer()
-    llama = tokenization.to_transformers(tokenization.train_sentencepiece(tokenization.load_corpus(), 1000))
-    conversations = [[{"role": "user", "content": "Hi!"}],
-                     [{"role": "system", "content": "Answer in Portuguese."},
-                      {"role": "user", "content": "Where do llamas 🦙 live? Café?"}],
-                     [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"},
-                      {"role": "user", "content": "And 3 + 3?"}]]
-    cases = [Case(f"{name} tokenizer, {len(messages)} message(s)", (tok, messages))
-             for name, tok in [("ChatML (byte-level)", chatml), ("Llama-2-style", llama)]
-             for messages in conversations]
-    return run_check("Tokens of a chat prompt", student_fn, solutions.chat_prompt_tokens, cases, mistakes=[
-        Mistake("one token too many: tokenizing the rendered string adds a second BOS; let "
-                "apply_chat_template tokenize.", lambda got, want, *_: got == want + 1),
-        Mistake("far more than the tokens: that looks like the length of the rendered string, in characters.",
-                lambda got, want, *_: got > 1.5 * want),
-        Mistake("a few tokens short: the prompt ends with the opening of the assistant's turn "
-                "(add_generation_prompt=True).", lambda got, want, *_: 0 < want - got <= 8),
+    corpus = tokenization.load_corpus()
+    plain = tokenization.train_sentencepiece(corpus, 1000, byte_fallback=False)
+    return {"byte-level (ChatML)": models.tiny_tokenizer(), "SentencePiece without byte fallback":
+            tokenization.to_transformers(plain)}
+
+
+def check_lost_characters(student_fn: Callable) -> Verdict:
+    """Exercise (01): `student_fn(tokenizer, text)` lists the characters the tokenizer does not give back."""
+    texts = ["Quetzalcoatl 🦙 café", "Qué? Quanto custa 12 €?", "plain ascii text"]
+    cases = [Case(f"{name} tokenizer, text={text!r}", (tok, text))
+             for name, tok in _small_tokenizers().items() for text in texts]
+    return run_check("What a tokenizer loses", student_fn, solutions.lost_characters, cases, convert=list,
+                     mistakes=[
+        Mistake("every character is lost: the ids start with a special token (BOS) that decodes to text; "
+                "encode with add_special_tokens=False.",
+                lambda got, want, tok, text: len(got) > len(want) and set(got) == set(text)),
+        Mistake("a character appears more than once: list each lost character once, in the order it "
+                "first appears.",
+                lambda got, want, *_: len(got) > len(set(got)) and list(dict.fromkeys(got)) == want),
+        Mistake("the right characters in the wrong order: keep the order of their first appearance "
+                "in the text.", lambda got, want, *_: got != want and sorted(got) == sorted(want)),
+    ])
+
+
+def check_prompt_cost_ratio(student_fn: Callable) -> Verdict:
+    """Exercise (01): `student_fn(tokenizer, english, portuguese)`: tokens of the Portuguese chat
+    prompt over those of the English one."""
+    pairs = [("Where do llamas live?", "Onde vivem as lhamas?"),
+             ("How much does a kilo of bread cost today?", "Quanto custa hoje um quilo de pão?"),
+             ("Please translate this sentence.", "Por favor, traduza esta frase.")]
+    cases = [Case(f"{name} tokenizer, {english!r} / {portuguese!r}", (tok, english, portuguese))
+             for name, tok in _small_tokenizers().items() for english, portuguese in pairs]
+
+    def content_only(tok, english, portuguese):
+        count = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
+        return count(portuguese) / count(english)
+
+    def inverted(tok, english, portuguese):
+        return 1 / solutions.prompt_cost_ratio(tok, english, portuguese)
+
+    return run_check("What a language costs", student_fn, solutions.prompt_cost_ratio, cases, mistakes=[
+        Mistake.answer("upside down: that is English over Portuguese; divide the Portuguese count by "
+                       "the English.", inverted),
+        Mistake.answer("that is the ratio of characters: count the tokens the model reads.",
+                       lambda tok, english, portuguese: len(portuguese) / len(english)),
+        Mistake.answer("that is the ratio of the questions' own tokens: the model reads the chat format "
+                       "too (apply_chat_template, with the generation prompt), whose tags cost both "
+                       "languages the same.", content_only),
     ])

@@ -1,4 +1,5 @@
-"""Solutions of notebook 01 (tokenization): byte-pair encoding's two steps, and chat prompts."""
+"""Solutions of notebook 01 (tokenization): byte-pair encoding's two steps, what a tokenizer loses,
+what a language costs."""
 
 from __future__ import annotations
 
@@ -41,11 +42,28 @@ def apply_merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]
 
 
 @exercise(
-    idea="the chat template turns the messages into the text the model reads, special tokens and the "
-         "opening of the assistant's turn included; count tokens, not characters.",
-    step="let the template render AND tokenize in one call: tokenizer.apply_chat_template(messages, "
-         "add_generation_prompt=True, return_dict=False) is the list of ids; its len is the answer.")
-def chat_prompt_tokens(tokenizer, messages: list[dict[str, str]]) -> int:
-    """Tokens the model reads for `messages` rendered by the tokenizer's chat template,
-    with the generation prompt (the opening of the assistant's turn) and no second BOS."""
+    idea="a character is lost when encoding it and decoding the ids does not give it back; try each "
+         "character on its own, since a whole text only says that something is lost, not what.",
+    step="for each distinct character c of text, in order (dict.fromkeys(text)), keep it when "
+         "tokenizer.decode(tokenizer.encode(c, add_special_tokens=False)) != c.")
+def lost_characters(tokenizer, text: str) -> list[str]:
+    """The distinct characters of `text`, in order of first appearance, that `tokenizer` does not
+    give back: encoding one and decoding its ids yields something else (an `<unk>`, or nothing)."""
+    return [c for c in dict.fromkeys(text)
+            if tokenizer.decode(tokenizer.encode(c, add_special_tokens=False)) != c]
+
+
+def _prompt_tokens(tokenizer, question: str) -> int:
+    messages = [{"role": "user", "content": question}]
     return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+
+
+@exercise(
+    idea="the cost is what the model reads: the question inside its chat format, tags and the opening of "
+         "the assistant's turn included, counted in tokens; then Portuguese over English.",
+    step="for each question, len(tokenizer.apply_chat_template([{'role': 'user', 'content': q}], "
+         "add_generation_prompt=True, return_dict=False)); return the Portuguese count / the English count.")
+def prompt_cost_ratio(tokenizer, english: str, portuguese: str) -> float:
+    """How many times the tokens of the English chat prompt the Portuguese one costs: one user
+    message in the tokenizer's chat format, with the generation prompt (the tags cost both the same)."""
+    return _prompt_tokens(tokenizer, portuguese) / _prompt_tokens(tokenizer, english)
