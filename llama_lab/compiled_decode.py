@@ -71,9 +71,32 @@ def require_cpp_compiler() -> str:
     return compiler
 
 
-def compile_decode(model: scratch.Llama) -> scratch.Llama:
+def cast_copy(model: scratch.Llama, dtype: torch.dtype) -> scratch.Llama:
+    """A copy of a from-scratch model with its weights (and rope tables) in `dtype`; `model` stays
+    as it is. Tied weights stay tied, so a bf16 copy of SmolLM2-135M takes 270 MB.
+
+    (`model.to(dtype)` would not do: from `scratch.from_hf` the weights are the transformers
+    model's own, and `to` would convert that model too.)
+    """
+    with torch.device("meta"):
+        copy = scratch.Llama(model.config)
+    cast: dict[int, torch.Tensor] = {}  # one copy per tensor: a tied pair gets one
+    state = {name: cast.setdefault(id(t), t.detach().to(dtype)) for name, t in model.state_dict().items()}
+    copy.load_state_dict(state, strict=True, assign=True)
+    if model.config.tie_embeddings:
+        copy.output.weight = copy.tok_embeddings.weight
+    copy.rope_cos, copy.rope_sin = model.rope_cos.to(dtype), model.rope_sin.to(dtype)
+    return copy.eval()
+
+
+def compile_decode(model: scratch.Llama, dtype: torch.dtype | None = None) -> scratch.Llama:
     """Make the one-token steps of a from-scratch model run near the memory-bandwidth limit,
     in place, and return the model: same tokens, 2.5-3x faster on this project's CPU.
+
+    dtype: decode with the weights in this dtype (for example `torch.bfloat16`: half the bytes
+    per token, so twice the roofline): the model is copied in it (`cast_copy`), the copy is
+    compiled and returned, and `model` stays as it is. The tokens are then those of the model
+    in that dtype, eager, which may part from fp32's after some tokens.
 
     A decode step reads every weight once to produce one token, so its speed limit is the
     memory bandwidth divided by the weights' bytes (`llama_lab.sizing.decode_roofline`). Eager
@@ -89,7 +112,8 @@ def compile_decode(model: scratch.Llama) -> scratch.Llama:
 
     The first one-token call compiles: about a minute on 2 cores, 20 s once inductor's on-disk
     cache (/tmp/torchinductor_<user>) holds the kernels. Needs a C++ compiler (g++ or clang++):
-    without one it warns, in one line saying what is missing, and returns the model unchanged.
+    without one it warns, in one line saying what is missing, and returns the model unchanged
+    (with `dtype`: its copy in that dtype), decoding eagerly.
 
     >>> from llama_lab import load_model, scratch
     >>> model = compile_decode(scratch.from_hf(load_model("tiny-random")[0]))
@@ -99,6 +123,8 @@ def compile_decode(model: scratch.Llama) -> scratch.Llama:
     if not isinstance(model, scratch.Llama):
         raise InvalidSettingError("compile_decode works on a from-scratch model: "
                                   "pass llama_lab.scratch.from_hf(model).")
+    if dtype is not None and dtype != model.output.weight.dtype:
+        model = cast_copy(model, dtype)
     try:
         require_cpp_compiler()
     except CompilerNotFoundError as missing:  # the same tokens without it: decode eagerly
@@ -123,3 +149,30 @@ def compile_decode(model: scratch.Llama) -> scratch.Llama:
 
     model.forward = forward
     return model
+
+
+def step_logits(model: scratch.Llama, prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The logits (steps, vocab) of each one-token step when `tokens` (1-D) follow `prompt` (1, n):
+    teacher forcing, so that two models are compared on the same text even where they would
+    choose other tokens."""
+    with torch.inference_mode():
+        cache = model.new_cache(1, prompt.shape[1] + tokens.numel())
+        model(prompt, cache)
+        return torch.cat([model(token.view(1, 1), cache)[0] for token in tokens])
+
+
+def tokens_agree(reference: torch.Tensor, other: torch.Tensor) -> int:
+    """How many tokens of `other` (1-D) agree with `reference` before the first that differs."""
+    differ = (reference != other).nonzero()
+    return int(differ[0]) if len(differ) else reference.numel()
+
+
+def compare_greedy(reference: torch.Tensor, other: torch.Tensor, reference_logits: torch.Tensor,
+                   other_logits: torch.Tensor) -> dict[str, float]:
+    """How far a greedy continuation `other` (1-D tokens) follows `reference`: the tokens that agree
+    before the first difference, and, on the reference's text (`step_logits` of both models),
+    the steps where both models choose the same top token and the largest logit difference."""
+    return {"tokens_agree": tokens_agree(reference, other),
+            "top_token_agree": int((reference_logits.argmax(-1) == other_logits.argmax(-1)).sum()),
+            "max_logit_diff": float((reference_logits - other_logits).abs().max()),
+            "max_logit": float(reference_logits.abs().max())}

@@ -79,3 +79,54 @@ def test_compile_decode_without_a_compiler_decodes_eagerly_and_says_why(monkeypa
     monkeypatch.setattr(compiled_decode.sysconfig, "get_paths", lambda: {"include": "/nowhere"})
     with pytest.raises(CompilerNotFoundError, match="python3-dev"):
         compiled_decode.require_cpp_compiler()
+
+
+def test_cast_copy_converts_a_copy_and_keeps_tied_weights_tied():
+    torch.manual_seed(0)
+    tied = scratch.Llama(scratch.Config(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                        head_dim=16, ffn_dim=48, max_seq_len=16, tie_embeddings=True))
+    copy = compiled_decode.cast_copy(tied, torch.bfloat16)
+    assert copy.output.weight is copy.tok_embeddings.weight
+    assert {p.dtype for p in copy.parameters()} == {torch.bfloat16} and copy.rope_cos.dtype == torch.bfloat16
+    assert tied.output.weight.dtype == torch.float32  # the model itself is left as it was
+    torch.testing.assert_close(copy.output.weight.float(), tied.output.weight, atol=0, rtol=2 ** -8)
+
+
+def test_compile_decode_in_bf16_gives_eager_bf16_logits_within_two_percent():
+    """bf16 keeps 8 significant bits: eager rounds the output of every operation to them, the
+    compiled step keeps what it fuses in float32, so the two differ by a few roundings. Stated
+    tolerance: every logit within 2 % of the largest one (measured: 0.8 %)."""
+    model, tok = tiny()
+    ids = tok("Hello there, how are you", return_tensors="pt").input_ids
+    eager = compiled_decode.cast_copy(scratch.from_hf(model), torch.bfloat16)
+    tokens = sampling.generate(eager, ids, 12, eos_token_id=[])[0, ids.shape[1]:]
+    fast = compiled_decode.compile_decode(scratch.from_hf(model), dtype=torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.float32  # compiled a copy
+    assert fast.output.weight.dtype == torch.bfloat16 and type(fast.output) is compiled_decode.MatVecLinear
+    expected = compiled_decode.step_logits(eager, ids, tokens)
+    got = compiled_decode.step_logits(fast, ids, tokens)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_compile_decode_in_bf16_without_a_compiler_gives_the_eager_bf16_copy(monkeypatch):
+    model, tok = tiny()
+    ids = tok("Hello", return_tensors="pt").input_ids
+    expected = sampling.generate(compiled_decode.cast_copy(scratch.from_hf(model), torch.bfloat16), ids, 6)
+    monkeypatch.setenv("CXX", "/nonexistent")
+    with pytest.warns(UserWarning, match=r"decoding eagerly.*\$CXX is '/nonexistent'") as caught:
+        eager = compiled_decode.compile_decode(scratch.from_hf(model), dtype=torch.bfloat16)
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert type(eager.output) is torch.nn.Linear and eager.output.weight.dtype == torch.bfloat16
+    assert torch.equal(sampling.generate(eager, ids, 6), expected)
+
+
+def test_compare_greedy_counts_the_agreeing_tokens_and_the_logit_difference():
+    reference, other = torch.tensor([5, 6, 7, 8]), torch.tensor([5, 6, 9, 8])
+    logits = torch.zeros(4, 10)
+    logits[torch.arange(4), reference] = 3.0
+    moved = logits.clone()
+    moved[2, 9] = 3.5  # the other model prefers token 9 at step 2, by 3.5 where the reference has 0
+    assert compiled_decode.tokens_agree(reference, reference) == 4
+    assert compiled_decode.compare_greedy(reference, other, logits, moved) == {
+        "tokens_agree": 2, "top_token_agree": 3, "max_logit_diff": 3.5, "max_logit": 3.0}
