@@ -3,7 +3,7 @@
 Where a head looks (its maps, `induction_score`...) is a hint; the causal test is to take the
 head out (`ablate_heads`, zero or mean) and measure what the model loses (`repeat_test` on
 repeated random tokens), against as many `random_heads`; what a head writes is its OV circuit
-(`ov_matrix`, `head_writes`, `copying_score`).
+(`ov_matrix`, `head_writes`, `copying_scores`).
 
 >>> import llama_lab as lab
 >>> model, tokenizer = lab.load_model("tiny-random", attn_implementation="eager")
@@ -357,14 +357,25 @@ def _run_keeping(model, input_ids: torch.Tensor, modules: dict, pre: bool = Fals
     return seen
 
 
-def head_writes(model, input_ids: torch.Tensor, layer: int, head: int) -> torch.Tensor:
-    """What the head adds to the residual stream at each position (tokens, dim): its slice of
-    the o_proj input (its attention-weighted values) times its columns of W_O."""
-    attention = model.model.layers[layer].self_attn
+def heads_writes(model, input_ids: torch.Tensor, heads: Iterable[Head]) -> dict[Head, torch.Tensor]:
+    """What each (layer, head) adds to the residual stream at each position (tokens, dim), from one
+    forward pass: the head's slice of the o_proj input (its attention-weighted values) times its
+    columns of W_O."""
+    heads = list(heads)
+    layers = model.model.layers
     d = sizing.head_dim(model.config)
-    heads_out = _run_keeping(model, input_ids, {"o": attention.o_proj}, pre=True)["o"][0]
-    w_o = attention.o_proj.weight[:, head * d:(head + 1) * d]
-    return (heads_out[:, head * d:(head + 1) * d] @ w_o.T).detach().float().cpu()
+    watched = {layer: layers[layer].self_attn.o_proj for layer in _head_slices(model, heads)}
+    heads_out = _run_keeping(model, input_ids, watched, pre=True)
+    writes = {}
+    for layer, head in heads:
+        w_o = watched[layer].weight[:, head * d:(head + 1) * d]
+        writes[layer, head] = (heads_out[layer][0][:, head * d:(head + 1) * d] @ w_o.T).detach().float().cpu()
+    return writes
+
+
+def head_writes(model, input_ids: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+    """What one head adds to the residual stream at each position (tokens, dim): `heads_writes`."""
+    return heads_writes(model, input_ids, [(layer, head)])[layer, head]
 
 
 def direct_logits(model, written: torch.Tensor) -> torch.Tensor:
@@ -375,15 +386,24 @@ def direct_logits(model, written: torch.Tensor) -> torch.Tensor:
         return model.lm_head(model.model.norm(written.to(weight))).float().cpu()
 
 
-def copying_score(model, input_ids: torch.Tensor, period: int, layer: int, head: int) -> float:
-    """On a sequence repeating every `period` tokens: over the positions of the repeat, the mean
-    share of the vocabulary that the next token (the one an induction head attends to) beats in
-    the head's direct logits. 0.5 is chance, 1.0 the top token everywhere. Where a head looks (QK)
-    says what it reads; this says whether what it writes promotes that token by itself (OV)."""
+def copying_scores(model, input_ids: torch.Tensor, period: int, heads: Iterable[Head]) -> dict[Head, float]:
+    """On a sequence repeating every `period` tokens: for each head, over the positions of the
+    repeat, the mean share of the vocabulary that the next token (the one an induction head attends
+    to) beats in the head's direct logits. 0.5 is chance, 1.0 the top token everywhere. Where a head
+    looks (QK) says what it reads; this says whether what it writes promotes that token by itself (OV).
+    One forward pass for all the heads."""
     ids = input_ids.reshape(-1)
-    logits = direct_logits(model, head_writes(model, ids, layer, head))[period:-1]
-    target = logits.gather(1, ids[period + 1:, None])
-    return (logits < target).float().mean().item()
+    scores = {}
+    for head, written in heads_writes(model, ids, heads).items():
+        logits = direct_logits(model, written)[period:-1]
+        target = logits.gather(1, ids[period + 1:, None])
+        scores[head] = (logits < target).float().mean().item()
+    return scores
+
+
+def copying_score(model, input_ids: torch.Tensor, period: int, layer: int, head: int) -> float:
+    """`copying_scores` of one head."""
+    return copying_scores(model, input_ids, period, [(layer, head)])[layer, head]
 
 
 # --- grouped-query attention and RoPE -------------------------------------------------------------

@@ -247,6 +247,18 @@ def test_copying_score_is_a_share_of_the_vocabulary(tiny):
     assert 0 <= score <= 1 and logits.shape == (16, tiny[0].config.vocab_size)
 
 
+
+def test_one_pass_for_many_heads_equals_one_pass_per_head(tiny):
+    rows = attention.repeated_random_sequences(200, 8, batch=1)
+    heads = [(3, 1), (1, 0), (3, 2)]
+    writes = attention.heads_writes(tiny[0], rows[0], heads)
+    scores = attention.copying_scores(tiny[0], rows[0], 8, heads)
+    assert list(writes) == list(scores) == heads
+    for layer, head in heads:
+        torch.testing.assert_close(writes[layer, head], attention.head_writes(tiny[0], rows[0], layer, head))
+        assert scores[layer, head] == attention.copying_score(tiny[0], rows[0], 8, layer, head)
+    assert len(set(scores.values())) > 1  # the heads are told apart
+
 # --- grouped-query attention and RoPE -------------------------------------------------------------
 
 def test_kv_head_map_matches_which_keys_are_shared(tiny, ids):
