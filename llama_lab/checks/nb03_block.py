@@ -10,10 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
     LlamaDecoderLayer,
-    LlamaMLP,
-    LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
@@ -82,9 +79,23 @@ def check_causal_mask_after_cache(student_fn: Callable) -> Verdict:
 
 
 # --- the block written piece by piece, each checked against transformers' own module ------------
-# The modules are built from two configs, the tiny model's and SmolLM2-135M's shape (its config.json:
-# hidden 576, 9 query heads sharing 3 KV heads of width 64, MLP 1536, RoPE base 100,000), with
-# seeded random weights; the learner's function gets the same weights and input.
+# The cases come from a transformers decoder layer and a batch of inputs: layer 0 of the model the
+# notebook loaded, with its real weights, on the embeddings of real token ids (`check_against`), and the
+# tiny model's shape with seeded random weights (hard-coded sizes fail there). Without a model, the
+# second case is SmolLM2-135M's shape (its config.json: hidden 576, 9 query heads sharing 3 KV heads of
+# width 64, MLP 1536, RoPE base 100,000) with random weights. The learner's function gets the module's
+# weights and input; its output is compared with the module's.
+
+_CHECKED_AGAINST: dict[str, nn.Module] = {}
+
+
+def check_against(*, model: nn.Module) -> None:
+    """From now on, check exercises 1 to 5 of notebook 03 against layer 0 of `model` (a transformers
+    Llama), its real weights. Keyword-only: `llama-lab solutions` reads `check_...(fn)` as an exercise."""
+    _CHECKED_AGAINST["model"] = model
+    print(f"Exercises 1 to 5 are checked against layer 0 of the loaded model "
+          f"({_shape(model.model.layers[0])}), its real weights, and the tiny model's shape, random weights.")
+
 
 def _configs() -> list[tuple[str, LlamaConfig]]:
     smollm2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
@@ -105,6 +116,24 @@ def _seeded(module: nn.Module, seed: int) -> nn.Module:
     return module.eval()
 
 
+def _layers(model: nn.Module | None, seq: int) -> list[tuple[str, LlamaDecoderLayer, torch.Tensor]]:
+    """(description, decoder layer, input stream (2, seq, hidden)) of every case: layer 0 of `model`
+    (default: the one given to `check_against`) on embeddings of real token ids, then random layers."""
+    model = _CHECKED_AGAINST.get("model") if model is None else model
+    configs = _configs()[:1] if model is not None else _configs()
+    cases = []
+    for name, config in configs:
+        layer = _seeded(LlamaDecoderLayer(config, layer_idx=0), 6)
+        x = torch.randn(2, seq, config.hidden_size, generator=torch.Generator().manual_seed(1)) * 3 + 1
+        cases.append((f"{name}, random weights", layer, x))
+    if model is not None:
+        ids = torch.randint(model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            x = model.get_input_embeddings()(ids)
+        cases.insert(0, ("layer 0 of the loaded model, real weights", model.model.layers[0], x))
+    return cases
+
+
 def _rope(config: LlamaConfig, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's own rope tables for positions 0..seq-1, shape (seq, head_dim)."""
     x = torch.zeros(1, seq, config.hidden_size)
@@ -112,8 +141,15 @@ def _rope(config: LlamaConfig, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cos[0], sin[0]
 
 
-def _input(config: LlamaConfig, *shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+def _projections(layer: LlamaDecoderLayer, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The layer's own queries, keys and values of x, before RoPE: (batch, heads, seq, head_dim)."""
+    attention = layer.self_attn
+    h = layer.input_layernorm(x)
+
+    def heads(t):
+        return t.view(*x.shape[:2], -1, sizing.head_dim(attention.config)).transpose(1, 2)
+
+    return heads(attention.q_proj(h)), heads(attention.k_proj(h)), heads(attention.v_proj(h))
 
 
 def _meta_weights(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -127,15 +163,21 @@ _SHAPE = Mistake("the output has another shape than the module's: it should have
                  lambda got, want, *_: got.shape != want.shape)
 
 
-def check_rms_norm(student_fn: Callable) -> Verdict:
-    """Exercise (03): `student_fn(x, weight, eps)` is RMSNorm, against transformers' LlamaRMSNorm."""
+def _shape(layer: LlamaDecoderLayer) -> str:
+    config = layer.self_attn.config
+    return (f"hidden {config.hidden_size}, {config.num_attention_heads} query heads, "
+            f"{config.num_key_value_heads} KV heads, MLP {config.intermediate_size}")
+
+
+def check_rms_norm(student_fn: Callable, model: nn.Module | None = None) -> Verdict:
+    """Exercise (03): `student_fn(x, weight, eps)` is RMSNorm, against transformers' LlamaRMSNorm
+    (the input norm of layer 0 of `model`, or of `check_against`'s model, and of a random layer)."""
     cases = []
-    for name, config in _configs():
-        norm = _seeded(LlamaRMSNorm(config.hidden_size, config.rms_norm_eps), 0)
-        x = _input(config, 2, 5, config.hidden_size) * 3 + 1
+    for name, layer, x in _layers(model, 5):
+        norm = layer.input_layernorm
         with torch.no_grad():
-            cases.append(Case(f"LlamaRMSNorm of {name} (hidden {config.hidden_size})",
-                              (x, norm.weight.detach(), config.rms_norm_eps), expected=norm(x)))
+            cases.append(Case(f"LlamaRMSNorm of {name} (hidden {x.shape[-1]})",
+                              (x, norm.weight.detach(), norm.variance_epsilon), expected=norm(x)))
     return run_check("RMSNorm", student_fn, solutions.rms_norm, cases, rel=1e-4, mistakes=[
         _SHAPE,
         Mistake.answer("that subtracts the mean, as LayerNorm does; RMSNorm only divides by the root mean "
@@ -154,17 +196,18 @@ def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
 
 
-def check_apply_rope(student_fn: Callable) -> Verdict:
+def check_apply_rope(student_fn: Callable, model: nn.Module | None = None) -> Verdict:
     """Exercise (03): `student_fn(x, cos, sin)` rotates x (batch, heads, seq, head_dim), against
-    transformers' apply_rotary_pos_emb with the model's own rope tables."""
+    transformers' apply_rotary_pos_emb with the model's own rope tables, on the layer's queries."""
     cases = []
-    for name, config in _configs():
-        d, seq = sizing.head_dim(config), 7
+    for name, layer, x in _layers(model, 7):
+        config, seq = layer.self_attn.config, x.shape[1]
         cos, sin = _rope(config, seq)
-        x = _input(config, 1, config.num_attention_heads, seq, d)
-        rotated, _ = apply_rotary_pos_emb(x, x, cos[None], sin[None])
-        cases.append(Case(f"queries of {name} ({config.num_attention_heads} heads of {d}, {seq} positions)",
-                          (x, cos, sin), expected=rotated))
+        with torch.no_grad():
+            q, _, _ = _projections(layer, x)
+        rotated, _ = apply_rotary_pos_emb(q, q, cos[None], sin[None])
+        cases.append(Case(f"the queries of {name} ({config.num_attention_heads} heads of "
+                          f"{sizing.head_dim(config)}, {seq} positions)", (q, cos, sin), expected=rotated))
     rotate_half = scratch.rotate_half
     return run_check("Applying RoPE", student_fn, solutions.apply_rope, cases, rel=1e-4, mistakes=[
         _SHAPE,
@@ -186,19 +229,20 @@ def _attention(q, k, v, causal: bool = True, scale: bool = True, interleave: boo
     return scores.softmax(-1) @ v
 
 
-def check_causal_gqa(student_fn: Callable) -> Verdict:
+def check_causal_gqa(student_fn: Callable, model: nn.Module | None = None) -> Verdict:
     """Exercise (03): `student_fn(q, k, v)` is causal grouped-query attention, against transformers'
-    eager attention of LlamaAttention (queries and keys after RoPE, as the model makes them)."""
+    eager attention of LlamaAttention, on the layer's own queries and keys (after RoPE) and values."""
     cases = []
-    for name, config in _configs():
-        module = LlamaAttention(config, layer_idx=0).eval()
-        d, seq = sizing.head_dim(config), 6
-        q = _input(config, 2, config.num_attention_heads, seq, d, seed=2)
-        k = _input(config, 2, config.num_key_value_heads, seq, d, seed=3)
-        v = _input(config, 2, config.num_key_value_heads, seq, d, seed=4)
+    for name, layer, x in _layers(model, 6):
+        config, seq = layer.self_attn.config, x.shape[1]
+        with torch.no_grad():
+            q, k, v = _projections(layer, x)
+        cos, sin = _rope(config, seq)
+        q, k = apply_rotary_pos_emb(q, k, cos[None], sin[None])
         future = torch.ones(seq, seq, dtype=torch.bool).triu(1)
         mask = torch.zeros(seq, seq).masked_fill(future, float("-inf"))
-        out, _ = eager_attention_forward(module, q, k, v, mask[None, None], scaling=d ** -0.5)
+        out, _ = eager_attention_forward(layer.self_attn, q, k, v, mask[None, None],
+                                         scaling=sizing.head_dim(config) ** -0.5)
         cases.append(Case(f"{name}: {config.num_attention_heads} query heads, {config.num_key_value_heads} "
                           f"KV heads, {seq} tokens", (q, k, v), expected=out.transpose(1, 2)))
     return run_check("Causal grouped-query attention", student_fn, solutions.causal_gqa, cases, rel=1e-4,
@@ -215,16 +259,16 @@ def check_causal_gqa(student_fn: Callable) -> Verdict:
     ])
 
 
-def check_swiglu(student_fn: Callable) -> Verdict:
+def check_swiglu(student_fn: Callable, model: nn.Module | None = None) -> Verdict:
     """Exercise (03): `student_fn(x, w_gate, w_up, w_down)` is the SwiGLU MLP, against LlamaMLP."""
     cases = []
-    for name, config in _configs():
-        mlp = _seeded(LlamaMLP(config), 5)
-        x = _input(config, 2, 4, config.hidden_size)
+    for name, layer, x in _layers(model, 4):
+        mlp = layer.mlp
         with torch.no_grad():
-            cases.append(Case(f"LlamaMLP of {name} ({config.hidden_size} -> {config.intermediate_size})",
-                              (x, mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(),
-                               mlp.down_proj.weight.detach()), expected=mlp(x)))
+            h = layer.post_attention_layernorm(x)
+            cases.append(Case(f"LlamaMLP of {name} ({x.shape[-1]} -> {mlp.intermediate_size})",
+                              (h, mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(),
+                               mlp.down_proj.weight.detach()), expected=mlp(h)))
     linear = F.linear
     return run_check("SwiGLU MLP", student_fn, solutions.swiglu, cases, rel=1e-4, mistakes=[
         _SHAPE,
@@ -260,20 +304,20 @@ def _block_variant(x, w, cos, sin, n_heads, n_kv_heads, eps, pre_norm=True, resi
     return mlp(s.rms_norm(h, w["ffn_norm"], eps)) + (h if residual else 0)
 
 
-def check_decoder_block(student_fn: Callable) -> Verdict:
+def check_decoder_block(student_fn: Callable, model: nn.Module | None = None) -> Verdict:
     """Exercise (03): `student_fn(x, w, cos, sin, n_heads, n_kv_heads, eps)` is one decoder layer,
     against transformers' LlamaDecoderLayer with the same weights."""
     cases = []
-    for name, config in _configs():
-        layer = _seeded(LlamaDecoderLayer(config, layer_idx=0), 6)
-        seq = 5
+    for name, layer, x in _layers(model, 5):
+        config, seq = layer.self_attn.config, x.shape[1]
         cos, sin = _rope(config, seq)
-        x = _input(config, 1, seq, config.hidden_size)
         with torch.no_grad():
             out = layer(x, position_embeddings=(cos[None], sin[None]))
-        cases.append(Case(f"LlamaDecoderLayer of {name}, {seq} tokens",
+        out = out[0] if isinstance(out, tuple) else out
+        cases.append(Case(f"LlamaDecoderLayer of {name} ({_shape(layer)}), {seq} tokens",
                           (x, _meta_weights(layer), cos, sin, config.num_attention_heads,
-                           config.num_key_value_heads, config.rms_norm_eps), expected=out))
+                           config.num_key_value_heads, layer.input_layernorm.variance_epsilon),
+                          expected=out))
     return run_check("Decoder block", student_fn, solutions.decoder_block, cases, rel=1e-3, mistakes=[
         Mistake("the output has another shape than the layer's: (batch, seq, hidden), as the input.",
                 lambda got, want, *_: got.shape != want.shape),
