@@ -186,9 +186,24 @@ def finetune_memory(config, method: str = "full", r: int = 8, targets: Iterable[
 
 # --- training -----------------------------------------------------------------------------------
 
+def labelled_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict a labelled token, and those tokens: (n, vocab) and (n,), row after row.
+
+    The logit at position t predicts token t + 1. Only the positions that predict a label go
+    through the lm_head (`logits_to_keep` with a boolean mask): the logits of the prompt and the
+    padding, most of a training step's memory with a 49,152-token vocabulary, are never made.
+    """
+    targets = batch["labels"][:, 1:]
+    keep = F.pad(targets != IGNORE_INDEX, (0, 1))  # the last position predicts nothing
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=keep).logits
+    return logits, targets[keep[:, :-1]]
+
+
 def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of the next token over the labelled (assistant) positions."""
-    return model(**batch).loss
+    """Mean cross-entropy of the next token over the labelled (assistant) positions: what
+    `model(**batch).loss` computes, without the logits of the other positions."""
+    return F.cross_entropy(*labelled_logits(model, batch))
 
 
 def train(model: nn.Module, loader, loss_fn: Callable = sft_loss, *, steps: int, lr: float,
@@ -266,11 +281,9 @@ def json_accuracy(model: nn.Module, tokenizer, rows: Sequence[dict],
 
 def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """log p(reply | prompt) for each row: the sum of the log-probabilities of the labelled tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    # the logit at position t predicts token t + 1; cross_entropy gives -log p and skips -100 labels
-    nll = F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX,
-                          reduction="none")
-    return -nll.sum(-1)
+    token_logps = -F.cross_entropy(*labelled_logits(model, batch), reduction="none")
+    rows = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0]  # the row of each labelled token
+    return token_logps.new_zeros(len(batch["labels"])).index_add(0, rows, token_logps)
 
 
 def dpo_margin(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -351,6 +364,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quantize", choices=["nf4", "int8"], help="Llama 2 on a GPU: QLoRA")
     parser.add_argument("--output", help="file to save the trained LoRA weights to (torch.save)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="a progress bar while training (--no-progress: none, as in a stored notebook)")
     return parser.parse_args(argv)
 
 
@@ -369,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
     accelerator.print(f"{accelerator.num_processes} process(es), {len(examples)} examples, "
                       f"{trainable_parameters(model):,} trainable parameters")
     try:
-        history = train(model, loader, steps=args.steps, lr=args.lr, accelerator=accelerator)
+        history = train(model, loader, steps=args.steps, lr=args.lr, accelerator=accelerator,
+                        progress=args.progress)
         accelerator.print(f"loss: first {history[0]:.4f}, last {history[-1]:.4f}")
         if args.output:
             state = {k: v for k, v in accelerator.get_state_dict(model).items() if "lora_" in k}

@@ -173,6 +173,19 @@ def test_finetune_memory_13b():
 
 # --- training -----------------------------------------------------------------------------------
 
+def test_sft_loss_equals_the_models_own_loss_with_fewer_logits():
+    tokenizer = load_model("tiny-random")[1]
+    model = tiny_model()
+    rows = finetune.load_jsonl("ft_people_train")[:4]
+    batch = finetune.collate([finetune.build_example(tokenizer, r["messages"]) for r in rows],
+                             tokenizer.pad_token_id)
+    logits, targets = finetune.labelled_logits(model, batch)
+    n_labelled = int((batch["labels"][:, 1:] != finetune.IGNORE_INDEX).sum())
+    assert logits.shape == (n_labelled, 259) and targets.shape == (n_labelled,)
+    assert n_labelled < batch["input_ids"].numel() / 2  # the prompts and the padding get no logits
+    torch.testing.assert_close(finetune.sft_loss(model, batch), model(**batch).loss)
+
+
 def test_train_lowers_the_loss_of_a_tiny_model():
     tokenizer = load_model("tiny-random")[1]
     model = finetune.add_lora(tiny_model(), r=8, alpha=16)
