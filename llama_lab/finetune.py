@@ -151,6 +151,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Take every LoRA adapter off and put the untouched base layers back (peft's `unload()`), in place."""
+    _replace_modules(model, lambda name, m: m.base if isinstance(m, LoRALinear) else None)
+    return model
+
+
 def trainable_parameters(model: nn.Module) -> int:
     """Number of parameters that receive gradients."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -207,10 +213,12 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def train(model: nn.Module, loader, loss_fn: Callable = sft_loss, *, steps: int, lr: float,
-          accelerator=None, progress: bool = True) -> list[float]:
+          accelerator=None, progress: bool = True,
+          on_step: Callable[[int], None] | None = None) -> list[float]:
     """AdamW on the trainable parameters for `steps` batches (cycling over `loader`).
 
-    Returns the loss of every step (averaged over processes). Runs through
+    Returns the loss of every step (averaged over processes); `on_step(step)`, if given, runs
+    after each optimizer step (step 1, 2, ...), to evaluate on the side. Runs through
     `accelerate`: pass the `Accelerator` of a multi-process launch, or leave it
     None for a single process.
     """
@@ -223,13 +231,15 @@ def train(model: nn.Module, loader, loss_fn: Callable = sft_loss, *, steps: int,
     history = []
     bar = tqdm(range(steps), desc="training", disable=not (progress and accelerator.is_local_main_process))
     batches = (batch for _epoch in count() for batch in loader)  # epoch after epoch, reshuffled
-    for _ in bar:
+    for step in bar:
         loss = loss_fn(wrapped, next(batches))
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
         history.append(accelerator.reduce(loss.detach(), "mean").item())
         bar.set_postfix(loss=f"{history[-1]:.3f}")
+        if on_step is not None:
+            on_step(step + 1)
     wrapped.eval()
     return history
 
@@ -341,9 +351,33 @@ def dpo_margins(model: nn.Module, batch: dict[str, torch.Tensor], beta: float = 
     return dpo_margin(*_policy_and_reference(model, batch), beta)
 
 
-def dpo_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], beta: float = 0.1) -> torch.Tensor:
-    """`dpo_loss` of a `collate_pairs` batch (a `loss_fn` for `train`)."""
-    return dpo_loss(*_policy_and_reference(model, batch), beta)
+def _rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+             beta: float) -> tuple[torch.Tensor, ...]:
+    return beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+
+
+def dpo_rewards(model: nn.Module, batch: dict[str, torch.Tensor],
+                beta: float = 0.1) -> tuple[torch.Tensor, ...]:
+    """The implicit rewards beta x log(pi(y|x) / pi_ref(y|x)) of the chosen and of the rejected reply
+    of each pair of a `collate_pairs` batch (their difference is `dpo_margins`)."""
+    return _rewards(*_policy_and_reference(model, batch), beta)
+
+
+def reward_summary(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Mean chosen reward, rejected reward and margin: what TRL logs as rewards/chosen,
+    rewards/rejected and rewards/margins."""
+    return {"chosen": chosen.mean().item(), "rejected": rejected.mean().item(),
+            "margin": (chosen - rejected).mean().item()}
+
+
+def dpo_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], beta: float = 0.1,
+                   log: list[dict] | None = None) -> torch.Tensor:
+    """`dpo_loss` of a `collate_pairs` batch (a `loss_fn` for `train`). With `log`, the batch's
+    `reward_summary` is appended to it at every call."""
+    logps = _policy_and_reference(model, batch)
+    if log is not None:
+        log.append(reward_summary(*_rewards(*(x.detach() for x in logps), beta)))
+    return dpo_loss(*logps, beta)
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -158,6 +158,23 @@ def test_lora_matches_peft_same_init_same_training():
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
+def test_remove_lora_gives_back_the_base_layers():
+    ids = torch.randint(0, 259, (2, 12))
+    model = tiny_model()
+    before = model(ids).logits
+    q_proj = model.model.layers[0].self_attn.q_proj
+    finetune.add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, finetune.LoRALinear):
+                m.lora_B.weight.normal_()
+        assert not torch.equal(model(ids).logits, before)
+        finetune.remove_lora(model)
+        assert torch.equal(model(ids).logits, before)  # the base weights were never touched
+    assert model.model.layers[0].self_attn.q_proj is q_proj
+    assert finetune.trainable_parameters(model) == 0
+
+
 def test_finetune_memory_13b():
     config = sizing.llama2_config("13b")
     full = sum(finetune.finetune_memory(config, "full").values())
@@ -186,12 +203,28 @@ def test_sft_loss_equals_the_models_own_loss_with_fewer_logits():
     torch.testing.assert_close(finetune.sft_loss(model, batch), model(**batch).loss)
 
 
-def test_train_lowers_the_loss_of_a_tiny_model():
+def lora_model_and_loader(n_rows: int, batch_size: int):
+    """A tiny model with LoRA adapters and a loader of the first `n_rows` SFT conversations."""
     tokenizer = load_model("tiny-random")[1]
     model = finetune.add_lora(tiny_model(), r=8, alpha=16)
-    rows = finetune.load_jsonl("ft_people_train")[:16]
+    rows = finetune.load_jsonl("ft_people_train")[:n_rows]
     examples = [finetune.build_example(tokenizer, r["messages"]) for r in rows]
-    loader = finetune.data_loader(examples, 16, lambda b: finetune.collate(b, tokenizer.pad_token_id))
+    pad = tokenizer.pad_token_id
+    return model, finetune.data_loader(examples, batch_size, lambda b: finetune.collate(b, pad))
+
+
+def test_train_calls_on_step_after_every_step():
+    model, loader = lora_model_and_loader(8, 4)
+    seen = []
+    lora_b = model.model.layers[0].self_attn.q_proj.lora_B.weight
+    finetune.train(model, loader, steps=3, lr=1e-2, progress=False,
+                   on_step=lambda step: seen.append((step, lora_b.abs().sum().item())))
+    assert [step for step, _ in seen] == [1, 2, 3]
+    assert 0 < seen[0][1] < seen[2][1]  # called after the optimizer step: B has already moved
+
+
+def test_train_lowers_the_loss_of_a_tiny_model():
+    model, loader = lora_model_and_loader(16, 16)
     history = finetune.train(model, loader, steps=15, lr=1e-2, progress=False)
     assert len(history) == 15 and history[-1] < history[0] - 0.2  # 5.54 (ln 259, random) -> 5.2
 
@@ -236,9 +269,17 @@ def test_dpo_training_raises_the_margin():
     with torch.no_grad():
         assert torch.equal(finetune.dpo_margins(model, batch), torch.zeros(8))  # policy == reference
     loader = finetune.data_loader(pairs, 8, lambda b: finetune.collate_pairs(b, tokenizer.pad_token_id))
-    history = finetune.train(model, loader, finetune.dpo_batch_loss, steps=10, lr=1e-2, progress=False)
+    log = []
+    history = finetune.train(model, loader, lambda m, b: finetune.dpo_batch_loss(m, b, log=log), steps=10,
+                             lr=1e-2, progress=False)
     assert history[0] == pytest.approx(math.log(2), abs=1e-5) and history[-1] < history[0]
+    assert len(log) == 10  # step 1: policy == reference, every reward 0
+    assert log[0] == pytest.approx({"chosen": 0.0, "rejected": 0.0, "margin": 0.0}, abs=1e-5)
+    assert all(e["margin"] == pytest.approx(e["chosen"] - e["rejected"], abs=1e-6) for e in log)
+    assert log[-1]["margin"] > 0
     with torch.no_grad():
+        chosen, rejected = finetune.dpo_rewards(model, batch)
+        torch.testing.assert_close(chosen - rejected, finetune.dpo_margins(model, batch))
         assert finetune.dpo_margins(model, batch).mean() > 0
 
 
