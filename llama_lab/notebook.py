@@ -98,7 +98,15 @@ def release_memory() -> None:
     Windows) only the garbage collection runs.
     """
     gc.collect()
+    if (libc := glibc()) is not None:
+        libc.malloc_trim(0)
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (Linux), for its memory allocator's controls; None elsewhere
+    (macOS, Windows, musl)."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None

@@ -26,7 +26,6 @@ The second half measures a model: `perplexity`, `decode_tokens_per_s`, and
 
 from __future__ import annotations
 
-import ctypes
 import importlib.metadata
 import logging
 import math
@@ -39,7 +38,7 @@ import torch
 from packaging.version import Version
 
 from llama_lab.errors import InvalidSettingError, QuantizationError
-from llama_lab.notebook import release_memory
+from llama_lab.notebook import glibc, release_memory
 
 MIN_BITSANDBYTES = "0.48"  # the first release that quantizes on a CPU
 NF4_BLOCKSIZE = 64
@@ -293,7 +292,5 @@ def _map_large_allocations() -> None:
     """Give each allocation above 128 KiB its own mapping, returned to the system when freed. By
     default glibc raises that threshold as big blocks are freed, then keeps them: loading SmolLM2 in
     NF4 would grow the process by 0.8 GB instead of 0.3."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
-        pass
+    if (libc := glibc()) is not None:
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
