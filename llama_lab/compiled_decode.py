@@ -4,12 +4,14 @@ memory-bandwidth limit on a CPU (notebook 04, benchmarks/decode.py).
 A decode step reads every weight once to produce one token, so its speed limit is the memory
 bandwidth divided by the weights' bytes (`llama_lab.sizing.decode_roofline`). `compile_decode`
 swaps every `nn.Linear` for a `MatVecLinear`, whose one-token product `torch.compile` writes as a
-loop that streams the weights at about that bandwidth, and compiles the one-token step;
+loop that streams the weights at about that bandwidth, and every attention for a `DecodeAttention`,
+whose one-token attention is compiled into the same loops, and compiles the one-token step;
 `require_cpp_compiler` says what torch.compile needs on a CPU (the doctor shows it).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sysconfig
@@ -48,6 +50,38 @@ class MatVecLinear(nn.Linear):
             fast = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
         fast.weight, fast.bias = linear.weight, linear.bias
         return fast
+
+
+def attend_one_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One new token's attention written out: scores, softmax, weighted sum of the values.
+
+    q: (batch, n_heads, 1, head_dim); k, v: (batch, n_kv_heads, keys, head_dim), every key so far
+    (a single query sees them all: no mask). The n_heads / n_kv_heads queries of a group share a
+    key head (GQA). Sums run in float32, as in PyTorch's fused attention on a CPU. Eager, it
+    gives what `F.scaled_dot_product_attention` gives; compiled, inductor writes it as loops in
+    the same kernel as the projections around it, where the library call would end the kernel
+    and run on its own.
+
+    >>> q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    >>> expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    >>> torch.allclose(attend_one_token(q, k, v), expected, atol=1e-6)
+    True
+    """
+    batch, _, _, head_dim = q.shape
+    groups = q.view(batch, k.shape[1], -1, 1, head_dim).float()  # (batch, kv heads, queries per group, 1, d)
+    scores = (groups * k.unsqueeze(2).float()).sum(-1) / math.sqrt(head_dim)  # (batch, kv, group, keys)
+    out = (scores.softmax(-1).unsqueeze(-1) * v.unsqueeze(2).float()).sum(-2)  # (batch, kv, group, d)
+    return out.view(batch, -1, 1, head_dim).to(q.dtype)
+
+
+class DecodeAttention(scratch.Attention):
+    """A `scratch.Attention` whose one-token attention, once compiled, is `attend_one_token`:
+    compiled into the step's loops instead of a library call per layer between two kernels."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        if not (torch.compiler.is_compiling() and q.shape[2] == 1):
+            return super().attend(q, k, v, start)
+        return attend_one_token(q, k, v)
 
 
 def require_cpp_compiler() -> str:
@@ -103,14 +137,16 @@ def compile_decode(model: scratch.Llama, dtype: torch.dtype | None = None) -> sc
     PyTorch reaches a quarter to a third of it on a CPU: the profiler puts most of a step in
     MKL's matrix-vector products, which stream the weights at a third to a half of the
     bandwidth, and the rest in some 400 small operations, each launched from Python. So every
-    `nn.Linear` becomes a `MatVecLinear` (weights shared, not copied) and one-token calls run
-    `torch.compile`d: inductor writes each matrix-vector product as a loop that reads at about
-    the bandwidth, fuses the small operations (RMSNorm, RoPE, SwiGLU, the cache writes) and
-    runs the whole step as C++. Shapes are dynamic: one compilation serves every position and
-    cache size (a batch of several sequences compiles once more). Calls with more tokens (the
-    prompt) stay eager. benchmarks/README.md has the measurements.
+    `nn.Linear` becomes a `MatVecLinear` (weights shared, not copied), every attention a
+    `DecodeAttention`, and one-token calls run `torch.compile`d: inductor writes each
+    matrix-vector product as a loop that reads at about the bandwidth, fuses the small
+    operations (RMSNorm, RoPE, attention, SwiGLU, the cache writes) into a few kernels a step
+    (three for SmolLM2-135M) and runs the whole step as C++. Shapes are dynamic: one
+    compilation serves every position and cache size (a batch of several sequences compiles
+    once more). Calls with more tokens (the prompt) stay eager. benchmarks/README.md has the
+    measurements.
 
-    The first one-token call compiles: about a minute on 2 cores, 20 s once inductor's on-disk
+    The first one-token call compiles: 60-90 s on 2 cores, 10-30 s once inductor's on-disk
     cache (/tmp/torchinductor_<user>) holds the kernels. Needs a C++ compiler (g++ or clang++):
     without one it warns, in one line saying what is missing, and returns the model unchanged
     (with `dtype`: its copy in that dtype), decoding eagerly.
@@ -134,6 +170,8 @@ def compile_decode(model: scratch.Llama, dtype: torch.dtype | None = None) -> sc
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
                 setattr(parent, name, MatVecLinear.from_linear(child))
+        if type(parent) is scratch.Attention:
+            parent.__class__ = DecodeAttention  # the same module and weights, with attention compiled in
     eager = model.forward
     # Before each call torch.compile checks that nothing it relied on changed (its guards): here
     # thousands of module attributes, 1 ms a step. The model's structure stays as it is, so

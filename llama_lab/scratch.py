@@ -143,14 +143,20 @@ class Attention(nn.Module):
             cache_v[:, :, start:end] = v
             k, v = cache_k[:, :, :end], cache_v[:, :, :end]
 
-        # softmax(q k^T / sqrt(head_dim)) v, causal. One new token may see every key: no mask.
+        out = self.attend(q, k, v, start)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim)) v, causal: q (batch, n_heads, seq, head_dim) for the tokens
+        at positions start.., k and v (batch, n_kv_heads, start + seq, head_dim) for every token so far."""
+        seq = q.shape[2]
+        # One new token may see every key: no mask.
         # New tokens after cached ones: query i (position start + i) sees keys 0 .. start + i.
         mask = None
         if seq > 1 and start > 0:
-            mask = torch.ones(seq, start + seq, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=seq > 1 and start == 0,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+            mask = torch.ones(seq, start + seq, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=seq > 1 and start == 0,
+                                              enable_gqa=self.n_kv_heads != self.n_heads)
 
 
 class FeedForward(nn.Module):

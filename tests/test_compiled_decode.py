@@ -28,6 +28,19 @@ def test_matvec_linear_is_the_linear_it_replaces_eager_and_compiled():
         torch.testing.assert_close(compiled(x), linear(x))
 
 
+@pytest.mark.parametrize("keys", [1, 7, 40])
+def test_attend_one_token_is_scaled_dot_product_attention_eager_and_compiled(keys):
+    torch.manual_seed(keys)
+    q, k, v = torch.randn(2, 6, 1, 16), torch.randn(2, 2, keys, 16), torch.randn(2, 2, keys, 16)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(compiled_decode.attend_one_token(q, k, v), expected)
+    compiled = torch.compile(compiled_decode.attend_one_token, dynamic=True)
+    torch.testing.assert_close(compiled(q, k, v), expected)
+    half = compiled_decode.attend_one_token(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), expected, atol=0.02, rtol=0.02)  # bf16 inputs: 8 bits
+
+
 def test_compile_decode_gives_the_same_tokens_with_one_compilation_for_every_position():
     model, tok = tiny()
     ids = tok("Hello", return_tensors="pt").input_ids
@@ -36,6 +49,7 @@ def test_compile_decode_gives_the_same_tokens_with_one_compilation_for_every_pos
     expected = [sampling.generate(eager, prompt, 20, eos_token_id=[]) for prompt in (ids, longer)]
     fast = compiled_decode.compile_decode(scratch.from_hf(model))
     assert fast.output.weight is model.lm_head.weight  # shared, not copied
+    assert {type(layer.attention) for layer in fast.layers} == {compiled_decode.DecodeAttention}
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert torch.equal(sampling.generate(fast, ids, 20, eos_token_id=[]), expected[0])
     assert torch.equal(sampling.generate(fast, longer, 20, eos_token_id=[]), expected[1])
