@@ -35,12 +35,18 @@ class MatVecLinear(nn.Linear):
     a half of it on the AMD EPYC of benchmarks/README.md. Eager, the same line would build the whole
     (out, in) product in memory, so outside compilation, and for more than one token, this is
     a plain `nn.Linear`.
+
+    The product is taken on x in float32 whatever the weights' dtype, and so is its output: with
+    bf16 weights the loop then converts only W, where with x in bf16 it converts the same numbers
+    of x again for every row of W (0.88x the step time on the AVX2 EPYC of benchmarks/README.md).
+    So a compiled step keeps its activations in float32; only the weights and the KV cache are
+    in bf16.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.compiler.is_compiling() and x.shape[-2] == 1):
             return super().forward(x)
-        out = (x.unsqueeze(-2) * self.weight).sum(-1)
+        out = (x.float().unsqueeze(-2) * self.weight).sum(-1)
         return out if self.bias is None else out + self.bias
 
     @classmethod
@@ -129,8 +135,9 @@ def compile_decode(model: scratch.Llama, dtype: torch.dtype | None = None) -> sc
 
     dtype: decode with the weights in this dtype (for example `torch.bfloat16`: half the bytes
     per token, so twice the roofline): the model is copied in it (`cast_copy`), the copy is
-    compiled and returned, and `model` stays as it is. The tokens are then those of the model
-    in that dtype, eager, which may part from fp32's after some tokens.
+    compiled and returned, and `model` stays as it is. Its one-token steps keep the activations
+    in float32 (`MatVecLinear`) where the eager copy rounds them to `dtype`, so its greedy tokens
+    may part from the eager copy's, and from fp32's, after some tokens.
 
     A decode step reads every weight once to produce one token, so its speed limit is the
     memory bandwidth divided by the weights' bytes (`llama_lab.sizing.decode_roofline`). Eager
