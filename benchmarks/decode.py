@@ -12,7 +12,8 @@ This script measures, in one run and on one machine:
    transformers model, and on the from-scratch model of `llama_lab.scratch`
    (greedy: all must produce the same tokens), eager and after
    `compiled_decode.compile_decode`, in fp32 and in bf16 (`dtype=torch.bfloat16`: its greedy
-   tokens are compared with fp32's, not required to be equal);
+   tokens are compared with fp32's, not required to be equal), each with torch.compile and
+   ahead of time (`ahead_of_time=True`: AOTInductor, no Python between the kernels);
 3. llama.cpp, when `llama_cpp` (llama-cpp-python) is importable: the same model's GGUF file
    dequantized to F32 and to F16 GGUF files (made once, in the cache), greedy, as many threads
    as torch; never a dependency of llama-lab (benchmarks/README.md says how to build it);
@@ -142,6 +143,11 @@ def main() -> None:
     mine = scratch.from_hf(model)
     fast = compiled_decode.compile_decode(scratch.from_hf(model))  # shares the weights
     fast16 = compiled_decode.compile_decode(scratch.from_hf(model), dtype=torch.bfloat16)  # a bf16 copy
+    start = time.perf_counter()  # ahead of time: compiled here (or loaded from the cache)
+    ahead = compiled_decode.compile_decode(scratch.from_hf(model), ahead_of_time=True)
+    middle = time.perf_counter()
+    ahead16 = compiled_decode.compile_decode(scratch.from_hf(model), dtype=torch.bfloat16, ahead_of_time=True)
+    ahead_seconds = [middle - start, time.perf_counter() - middle]
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     n, eos = args.new_tokens, tokenizer.eos_token_id
     ours = lambda m: lambda k: sampling.generate(m, ids, k, eos_token_id=eos)
@@ -151,6 +157,8 @@ def main() -> None:
         "llama-lab generate, scratch model": (ours(mine), "fp32"),
         "  same, after compile_decode": (ours(fast), "fp32"),
         "  same, compile_decode in bf16": (ours(fast16), "bf16"),
+        "  same, ahead of time": (ours(ahead), "fp32"),
+        "  same, ahead of time in bf16": (ours(ahead16), "bf16"),
     }
     if args.skip_eager:
         for name in ("llama-lab generate, HF model", "llama-lab generate, scratch model"):
@@ -192,7 +200,9 @@ def main() -> None:
           "token -> roofline: " + ", ".join(f"{dtype} {b / 1e6:.0f} MB -> {bandwidth * 1e9 / b:.1f} tokens/s"
                                            for dtype, b in sorted(step_bytes.items())))
     print(f"compile_decode: its first generate took {compile_seconds[0]:.0f} s in fp32, "
-          f"{compile_seconds[1]:.0f} s in bf16 (compilation)")
+          f"{compile_seconds[1]:.0f} s in bf16 (compilation); ahead of time, compile_decode took "
+          f"{ahead_seconds[0]:.0f} s in fp32, {ahead_seconds[1]:.0f} s in bf16 (compiled, or loaded from "
+          "the cache)")
     print(f"greedy, prompt {ids.shape[1]} tokens + {n} new, best of {args.repeats} rounds; of roofline: "
           "best decode / best roofline, and the median over rounds of each decode run / the higher "
           "of the rooflines read just before and just after it")
@@ -209,12 +219,15 @@ def main() -> None:
         print(f"{name:36}{dtype:>8}{speed:10.1f}{speed / base:13.2f}x{steps:14.1f}{steps / roofline:13.0%}"
               f"{statistics.median(paired[name]):13.0%}{agree:>9} / {n}")
     new = reference[0, ids.shape[1]:]
-    bf16 = compiled_decode.compare_greedy(new, outputs["  same, compile_decode in bf16"][0, ids.shape[1]:],
-                                          compiled_decode.step_logits(fast, ids, new),
-                                          compiled_decode.step_logits(fast16, ids, new))
-    print(f"bf16 against fp32, both compiled: the first {bf16['tokens_agree']} of {n} greedy tokens agree; "
-          f"on fp32's text the top token agrees at {bf16['top_token_agree']} of {n} steps and the logits "
-          f"differ by at most {bf16['max_logit_diff']:.2f} (the largest logit: {bf16['max_logit']:.1f})")
+    for how, name, half in (("torch.compile", "  same, compile_decode in bf16", fast16),
+                            ("ahead of time", "  same, ahead of time in bf16", ahead16)):
+        bf16 = compiled_decode.compare_greedy(new, outputs[name][0, ids.shape[1]:],
+                                              compiled_decode.step_logits(fast, ids, new),
+                                              compiled_decode.step_logits(half, ids, new))
+        print(f"bf16 ({how}) against fp32 (torch.compile): the first {bf16['tokens_agree']} of {n} greedy "
+              f"tokens agree; on fp32's text the top token agrees at {bf16['top_token_agree']} of {n} steps "
+              f"and the logits differ by at most {bf16['max_logit_diff']:.2f} (the largest logit: "
+              f"{bf16['max_logit']:.1f})")
 
     if args.kv_tokens:
         k = args.kv_tokens

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llama_lab import compiled_decode, sampling, scratch
-from llama_lab.errors import CompilerNotFoundError, InvalidSettingError
+from llama_lab.errors import CompilerNotFoundError, ContextLengthError, InvalidSettingError
 from llama_lab.models import load_model
 
 
@@ -61,6 +61,45 @@ def test_compile_decode_gives_the_same_tokens_with_one_compilation_for_every_pos
             logits.append(m(ids[:, -1:], cache))
     torch.testing.assert_close(*logits)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+
+
+def test_compile_decode_ahead_of_time_gives_the_same_tokens_compiled_once_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_LAB_CACHE", str(tmp_path))
+    model, tok = tiny()
+    ids = tok("Hello", return_tensors="pt").input_ids
+    longer = tok("Hello there, how are you", return_tensors="pt").input_ids
+    eager = scratch.from_hf(model)
+    expected = [sampling.generate(eager, prompt, 20, eos_token_id=[]) for prompt in (ids, longer)]
+    fast = compiled_decode.compile_decode(scratch.from_hf(model), ahead_of_time=True)
+    packages = list((tmp_path / "aoti").glob("*"))
+    assert [p.suffix for p in packages] == [".pt2"]  # one package, no partial one left
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch.equal(sampling.generate(fast, ids, 20, eos_token_id=[]), expected[0])
+    assert torch.equal(sampling.generate(fast, longer, 20, eos_token_id=[]), expected[1])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # torch.compile never ran
+
+    written = packages[0].stat().st_mtime_ns
+    again = compiled_decode.compile_decode(scratch.from_hf(model), ahead_of_time=True)  # loaded, not compiled
+    assert list((tmp_path / "aoti").glob("*")) == packages and packages[0].stat().st_mtime_ns == written
+    cache = again.new_cache(1, ids.shape[1] + 1)  # room for one more token, then none
+    again(ids, cache)
+    again(ids[:, -1:], cache)
+    with pytest.raises(ContextLengthError):
+        again(ids[:, -1:], cache)
+
+
+def test_compile_decode_ahead_of_time_in_bf16_is_within_two_percent_of_eager_bf16(tmp_path, monkeypatch):
+    """The same tolerance as torch.compile's bf16 step (below): 2 % of the largest logit."""
+    monkeypatch.setenv("LLAMA_LAB_CACHE", str(tmp_path))
+    model, tok = tiny()
+    ids = tok("Hello there, how are you", return_tensors="pt").input_ids
+    eager = compiled_decode.cast_copy(scratch.from_hf(model), torch.bfloat16)
+    tokens = sampling.generate(eager, ids, 12, eos_token_id=[])[0, ids.shape[1]:]
+    fast = compiled_decode.compile_decode(scratch.from_hf(model), dtype=torch.bfloat16, ahead_of_time=True)
+    expected = compiled_decode.step_logits(eager, ids, tokens)
+    got = compiled_decode.step_logits(fast, ids, tokens)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
 def test_compile_decode_refuses_a_transformers_model():
