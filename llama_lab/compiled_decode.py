@@ -218,7 +218,6 @@ class AheadOfTimeStep:
                 torch._inductor.aoti_compile_and_package(export_step(model), package_path=str(partial))
                 os.replace(partial, path)  # whole or not at all, even with two processes compiling
             compiled = torch._inductor.aoti_load_package(str(path))
-        self.path = path
         # The loaded package's own call flattens (token, tensors, keys, values) with pytree at every
         # step, 0.2 ms for SmolLM2-135M's 335 inputs: the same flat list is built here instead.
         self.run, self.weights = compiled.loader.boxed_run, list(_tensors(model).values())
