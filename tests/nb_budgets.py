@@ -37,7 +37,7 @@ SAMPLE_SECONDS = 0.2
 
 # --- measuring -----------------------------------------------------------------------------------
 
-def _vm_hwm(pid: int) -> int | None:
+def vm_hwm(pid: int) -> int | None:
     """Peak resident set of a process in bytes, from /proc (Linux); None where there is no /proc."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -81,7 +81,7 @@ class KernelWatch:
         self._sample()
         self._done.set()
         self._thread.join()
-        hwm = _vm_hwm(self.process.pid)
+        hwm = vm_hwm(self.process.pid)
         cpu = self.process.cpu_times()
         return {"seconds": round(time.perf_counter() - self.start, 1),
                 "cpu_seconds": round(cpu.user + cpu.system + cpu.children_user + cpu.children_system, 1),

@@ -10,6 +10,12 @@ which npm lacks); any other request that would leave the machine is blocked and 
 One screenshot per notebook goes to build/browser-screenshots/. A last test shows bertviz's page
 with the CDN unreachable and checks it says why and points to the offline viewer.
 
+It is also Binder's memory test. The server runs with MEM_LIMIT at Binder's 2 GiB, as on
+mybinder.org, and after each Run All the test reads the kernel's peak (VmHWM) and the server's
+peak so far. It requires kernel <= 1.5 GB and kernel + server <= 2 GiB, since Binder gives the
+two 2 GiB together. tests/test_binder.py checks that binder/ builds an environment with this one's
+packages, at the same versions.
+
 Needs /usr/bin/chromium (apt install chromium), npm and playwright (pip); .ci/run installs them.
 Without them the tests are skipped, except under CI=1, where they fail.
 """
@@ -26,10 +32,13 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import nbformat
+import psutil
 import pytest
 
+from tests import nb_budgets
 from tests.fresh import free_port, scratch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +56,7 @@ CDN_FILES = {  # what bertviz 1.4 loads -> the local copy that answers it
     CDN + "jquery/2.0.0/jquery.min.js": "node_modules/jquery/dist/jquery.min.js",
 }
 pytestmark = pytest.mark.slow
+MEM_LIMIT = 2 * 2**30  # mybinder.org: the Jupyter server and the kernel together
 RUN_TIMEOUT_S = 1800  # a hang guard for one notebook's Run All (minutes on a quiet machine; 20 seen loaded)
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 # The Colab and Binder badge images of each notebook's header: decorative, offline they show their
@@ -84,6 +94,11 @@ def cleared_copy(source: Path, folder: Path) -> None:
     nbformat.write(nb, folder / source.name)
 
 
+class Lab(NamedTuple):
+    base: str  # http://127.0.0.1:PORT
+    pid: int  # the server's process
+
+
 @pytest.fixture(scope="module")
 def jupyterlab():
     with scratch("browser") as root:
@@ -109,7 +124,7 @@ def serve_notebooks(root: Path):
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         command.append("--allow-root")  # this test's own server, on 127.0.0.1 without a token
     env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(settings),
-           "JUPYTERLAB_WORKSPACES_DIR": str(workspaces)}
+           "JUPYTERLAB_WORKSPACES_DIR": str(workspaces), "MEM_LIMIT": str(MEM_LIMIT)}  # as Binder sets it
     log = open(root / "jupyterlab.log", "w")  # noqa: SIM115 (closed below)
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -123,7 +138,7 @@ def serve_notebooks(root: Path):
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"JupyterLab did not start: see {log.name}") from None
                 time.sleep(0.5)
-        yield base
+        yield Lab(base, server.pid)
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and the kernels it started
         try:
@@ -217,6 +232,15 @@ def first_rich_output(page):
     return page.locator(".jp-Notebook .jp-Cell").last
 
 
+def memory_peaks(page, lab: Lab) -> tuple[int, int]:
+    """The peak resident set (VmHWM, bytes) of this notebook's kernel, and of the server so far."""
+    [session] = page.request.get(lab.base + "/api/sessions").json()
+    kernel_id = session["kernel"]["id"]
+    [kernel] = [p for p in psutil.Process(lab.pid).children(recursive=True)
+                if any(kernel_id in arg for arg in p.cmdline())]
+    return nb_budgets.vm_hwm(kernel.pid), nb_budgets.vm_hwm(lab.pid)
+
+
 def shut_down_kernels(page, base: str) -> None:
     """What File > Shut Down would do for this notebook's kernel: free its memory for the next one."""
     xsrf = next(c["value"] for c in page.context.cookies() if c["name"] == "_xsrf")
@@ -225,17 +249,18 @@ def shut_down_kernels(page, base: str) -> None:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_run_all_in_jupyterlab_renders_everything(path, jupyterlab, browser, assets):
+def test_run_all_in_jupyterlab_renders_everything_within_binders_memory(path, jupyterlab, browser, assets):
     expected = stored_counts(path)
-    network = Network(jupyterlab, assets)
+    network = Network(jupyterlab.base, assets)
     context = browser.new_context(viewport={"width": 1400, "height": 1600})
     context.route("**/*", network)
     page = context.new_page()
     page_errors = []
     page.on("pageerror", lambda error: page_errors.append(str(error)))
     try:
-        page.goto(f"{jupyterlab}/lab/tree/{path.name}?reset")
-        prompts = run_all(page, jupyterlab)
+        page.goto(f"{jupyterlab.base}/lab/tree/{path.name}?reset")
+        prompts = run_all(page, jupyterlab.base)
+        kernel, server = memory_peaks(page, jupyterlab)
         page.wait_for_timeout(3000)  # late renderers: widgets, iframes
         SHOTS.mkdir(parents=True, exist_ok=True)
         first_rich_output(page).scroll_into_view_if_needed()
@@ -273,8 +298,13 @@ def test_run_all_in_jupyterlab_renders_everything(path, jupyterlab, browser, ass
             assert sorted(set(network.answered)) == sorted(CDN_FILES), network.answered
         assert not network.blocked, f"requests that would leave the machine: {network.blocked}"
         print(f"{path.name}: {len(prompts)} code cells ran; rendered {expected}; page errors: {page_errors}")
+
+        print(f"MEM_LIMIT=2 GiB: kernel peak {kernel / 1e9:.2f} GB, JupyterLab's peak so far "
+              f"{server / 1e9:.2f} GB, together {(kernel + server) / 2**30:.2f} GiB")
+        assert kernel <= nb_budgets.LIMIT_BYTES, f"the kernel peaked at {kernel / 1e9:.2f} GB (budget 1.5 GB)"
+        assert kernel + server <= MEM_LIMIT, "the kernel and JupyterLab need over Binder's 2 GiB together"
     finally:
-        shut_down_kernels(page, jupyterlab)
+        shut_down_kernels(page, jupyterlab.base)
         context.close()
 
 
