@@ -100,7 +100,7 @@ def installed(env: dict[str, str] | None = None) -> dict[str, str]:
 HEAVY = ("torch", "numpy", "transformers", "tokenizers", "safetensors", "peft", "accelerate", "ipykernel")
 
 
-def test_binder_has_the_test_environments_packages_at_the_same_versions(binder):
+def test_binder_has_this_environments_packages_the_heavy_ones_at_the_same_versions(binder):
     """Every package of the Binder environment is in this one; the heavy ones at the same version
     (a light one may get a release between the two installs: it is printed, not a failure)."""
     _, env = binder

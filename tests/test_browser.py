@@ -14,7 +14,7 @@ It is also Binder's memory test. The server runs with MEM_LIMIT at Binder's 2 Gi
 mybinder.org, and after each Run All the test reads the kernel's peak (VmHWM) and the server's
 peak so far. It requires kernel <= 1.5 GB and kernel + server <= 2 GiB, since Binder gives the
 two 2 GiB together. tests/test_binder.py checks that binder/ builds an environment with this one's
-packages, at the same versions.
+packages, the heavy ones (torch, transformers, ...) at the same versions.
 
 Needs /usr/bin/chromium (apt install chromium), npm and playwright (pip); .ci/run installs them.
 Without them the tests are skipped, except under CI=1, where they fail.
@@ -237,8 +237,15 @@ def memory_peaks(page, lab: Lab) -> tuple[int, int]:
     [session] = page.request.get(lab.base + "/api/sessions").json()
     kernel_id = session["kernel"]["id"]
     [kernel] = [p for p in psutil.Process(lab.pid).children(recursive=True)
-                if any(kernel_id in arg for arg in p.cmdline())]
+                if any(kernel_id in arg for arg in command_line(p))]
     return nb_budgets.vm_hwm(kernel.pid), nb_budgets.vm_hwm(lab.pid)
+
+
+def command_line(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # it ended after the listing
+        return []
 
 
 def shut_down_kernels(page, base: str) -> None:
