@@ -32,6 +32,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = ROOT / "notebooks" / "budgets.json"
 LIMIT_BYTES = 1_500_000_000
+BINDER_BYTES = 2 * 2**30  # mybinder.org: MEM_LIMIT, for the Jupyter server and the kernel together
 SAMPLE_SECONDS = 0.2
 
 
@@ -88,6 +89,16 @@ class KernelWatch:
                 "kernel_peak_bytes": hwm if hwm is not None else self.sampled_peak,
                 "kernel_peak_source": "VmHWM" if hwm is not None else f"rss sampled every {SAMPLE_SECONDS} s",
                 "children_peak_bytes": self.children_peak}
+
+
+def check_binder(name: str, kernel: int, server: int) -> None:
+    """Print a notebook's kernel peak beside the Jupyter server's memory (bytes), then require the
+    kernel within `LIMIT_BYTES` and the two within Binder's 2 GiB (tests/test_binder.py and
+    tests/test_browser.py)."""
+    print(f"MEM_LIMIT=2 GiB: {name}: kernel peak {gigabytes(kernel)}, Jupyter server {gigabytes(server)}, "
+          f"together {(kernel + server) / 2**30:.2f} GiB")
+    assert kernel <= LIMIT_BYTES, f"{name}: the kernel peaked above {gigabytes(LIMIT_BYTES)}"
+    assert kernel + server <= BINDER_BYTES, f"{name}: the kernel and the server need over Binder's 2 GiB"
 
 
 def machine() -> str:

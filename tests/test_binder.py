@@ -36,8 +36,6 @@ from tests import nb_budgets
 from tests.fresh import copy_clone, free_port, new_venv, scratch
 
 pytestmark = pytest.mark.slow
-GiB = 2**30
-MEM_LIMIT = 2 * GiB
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +121,9 @@ def test_binder_runs_notebook_00_within_2_gib(binder):
     command = ["binder/start", "python", "-m", "pytest", "-q", f"--nb-budgets={budgets}",
                f"--nb-memory-limit={nb_budgets.LIMIT_BYTES}", "--nbval-cell-timeout=1800",  # a hang guard
                f"notebooks/{name}"]
-    run = subprocess.run(command, cwd=repo, env={**env, "MEM_LIMIT": str(MEM_LIMIT)}, capture_output=True,
-                         text=True)
+    run = subprocess.run(command, cwd=repo, env={**env, "MEM_LIMIT": str(nb_budgets.BINDER_BYTES)},
+                         capture_output=True, text=True)
     print(run.stdout[-20_000:], run.stderr[-2000:])
     assert run.returncode == 0, "nbval failed in the Binder environment (see the output above)"
     kernel = json.loads(budgets.read_text())["notebooks"][name]["kernel_peak_bytes"]
-    print(f"Binder, MEM_LIMIT=2 GiB: {name}: kernel peak {kernel / GiB:.2f} GiB ({kernel / 1e9:.2f} GB), "
-          f"JupyterLab {server / GiB:.2f} GiB, together {(kernel + server) / GiB:.2f} GiB")
-    assert kernel <= nb_budgets.LIMIT_BYTES
-    assert kernel + server <= MEM_LIMIT, f"{name}: the kernel and the server need over Binder's 2 GiB"
+    nb_budgets.check_binder(f"Binder environment, {name}", kernel, server)

@@ -56,7 +56,6 @@ CDN_FILES = {  # what bertviz 1.4 loads -> the local copy that answers it
     CDN + "jquery/2.0.0/jquery.min.js": "node_modules/jquery/dist/jquery.min.js",
 }
 pytestmark = pytest.mark.slow
-MEM_LIMIT = 2 * 2**30  # mybinder.org: the Jupyter server and the kernel together
 RUN_TIMEOUT_S = 1800  # a hang guard for one notebook's Run All (minutes on a quiet machine; 20 seen loaded)
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 # The Colab and Binder badge images of each notebook's header: decorative, offline they show their
@@ -124,7 +123,8 @@ def serve_notebooks(root: Path):
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         command.append("--allow-root")  # this test's own server, on 127.0.0.1 without a token
     env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(settings),
-           "JUPYTERLAB_WORKSPACES_DIR": str(workspaces), "MEM_LIMIT": str(MEM_LIMIT)}  # as Binder sets it
+           "JUPYTERLAB_WORKSPACES_DIR": str(workspaces),
+           "MEM_LIMIT": str(nb_budgets.BINDER_BYTES)}  # as Binder sets it
     log = open(root / "jupyterlab.log", "w")  # noqa: SIM115 (closed below)
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -306,10 +306,7 @@ def test_run_all_in_jupyterlab_renders_everything_within_binders_memory(path, ju
         assert not network.blocked, f"requests that would leave the machine: {network.blocked}"
         print(f"{path.name}: {len(prompts)} code cells ran; rendered {expected}; page errors: {page_errors}")
 
-        print(f"MEM_LIMIT=2 GiB: kernel peak {kernel / 1e9:.2f} GB, JupyterLab's peak so far "
-              f"{server / 1e9:.2f} GB, together {(kernel + server) / 2**30:.2f} GiB")
-        assert kernel <= nb_budgets.LIMIT_BYTES, f"the kernel peaked at {kernel / 1e9:.2f} GB (budget 1.5 GB)"
-        assert kernel + server <= MEM_LIMIT, "the kernel and JupyterLab need over Binder's 2 GiB together"
+        nb_budgets.check_binder(f"{path.name} (JupyterLab's peak so far)", kernel, server)
     finally:
         shut_down_kernels(page, jupyterlab.base)
         context.close()
