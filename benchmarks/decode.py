@@ -5,7 +5,8 @@ memory bandwidth / bytes read per token (`llama_lab.sizing.decode_roofline`).
 This script measures, in one run and on one machine:
 
 1. the read bandwidth: `tensor.sum()` over a random tensor as large as the bytes
-   one decode step reads, repeated once per decode step, so that it takes as long
+   one decode step reads (in 2 MB pages where the machine has them, as `compile_decode`
+   puts the weights), repeated once per decode step, so that it takes as long
    as a decode run; it is read again between every two decode runs, because a
    shared machine's bandwidth drifts;
 2. transformers' `model.generate`, llama-lab's `sampling.generate` on the same
@@ -182,6 +183,9 @@ def main() -> None:
                   for dtype in {dtype for _, dtype in runs.values()}}
     bytes_per_token = step_bytes["fp32"]
     weights_sized = torch.randn(bytes_per_token // 4)
+    huge = compiled_decode.huge_pages_available()
+    if huge:  # in 2 MB pages, as compile_decode puts the weights: the bandwidth at its best
+        weights_sized, = compiled_decode.in_huge_pages([weights_sized])
     probe = lambda: [weights_sized.sum() for _ in range(n - 1)]
     # Rounds of every run in turn, so the other programs on the machine slow them all alike.
     full, one, paired = ({name: [] for name in runs} for _ in range(3))
@@ -194,11 +198,13 @@ def main() -> None:
             share = step_bytes[dtype] / bytes_per_token  # of the probe's bytes
             paired[name].append(min(probes[-2:]) * share / (full[name][-1] - one[name][-1]))
     bandwidth = bytes_per_token * (n - 1) / min(probes) / 1e9
-    mb = bytes_per_token / 1e6
-    print(f"read bandwidth {bandwidth:.1f} GB/s at best (sum of a {mb:.0f} MB tensor, {n - 1} times, "
-          f"{len(probes)} tries: {bytes_per_token * (n - 1) / max(probes) / 1e9:.1f} at worst); read per "
-          "token -> roofline: " + ", ".join(f"{dtype} {b / 1e6:.0f} MB -> {bandwidth * 1e9 / b:.1f} tokens/s"
-                                           for dtype, b in sorted(step_bytes.items())))
+    mb, worst = bytes_per_token / 1e6, bytes_per_token * (n - 1) / max(probes) / 1e9
+    pages = "2 MB" if huge else "4 KB"
+    rooflines = ", ".join(f"{dtype} {b / 1e6:.0f} MB -> {bandwidth * 1e9 / b:.1f} tokens/s"
+                          for dtype, b in sorted(step_bytes.items()))
+    print(f"read bandwidth {bandwidth:.1f} GB/s at best (sum of a {mb:.0f} MB tensor in {pages} pages, "
+          f"{n - 1} times, {len(probes)} tries: {worst:.1f} at worst); read per token -> roofline: "
+          f"{rooflines}")
     print(f"compile_decode: its first generate took {compile_seconds[0]:.0f} s in fp32, "
           f"{compile_seconds[1]:.0f} s in bf16 (compilation); ahead of time, compile_decode took "
           f"{ahead_seconds[0]:.0f} s in fp32, {ahead_seconds[1]:.0f} s in bf16 (compiled, or loaded from "

@@ -1,6 +1,7 @@
 """llama_lab.compiled_decode: the matrix-vector linear layer and the compiled one-token step give
 what eager PyTorch gives; a machine without a compiler decodes eagerly, told in one line how to get one."""
 
+import copy
 import functools
 
 import pytest
@@ -100,6 +101,76 @@ def test_compile_decode_ahead_of_time_in_bf16_is_within_two_percent_of_eager_bf1
     got = compiled_decode.step_logits(fast, ids, tokens)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def vm_flags(address: int) -> list[str]:
+    """The kernel's flags of the mapping that holds `address` (/proc/self/smaps): "hg" is MADV_HUGEPAGE."""
+    mapping = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            first = line.split()[0]
+            if "-" in first and ":" not in first:
+                start, end = (int(x, 16) for x in first.split("-"))
+                mapping = start <= address < end
+            elif mapping and first == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+needs_huge_pages = pytest.mark.skipif(not compiled_decode.huge_pages_available(),
+                                      reason="no transparent huge pages here (Linux, THP not 'never')")
+
+
+@needs_huge_pages
+def test_in_huge_pages_copies_each_tensor_into_one_block_that_asks_for_2_mb_pages():
+    tensors = [torch.randn(3, 5), torch.arange(7, dtype=torch.int64), torch.randn(1000, 700).bfloat16()]
+    copies = compiled_decode.in_huge_pages(tensors)
+    for tensor, moved in zip(tensors, copies, strict=True):
+        assert torch.equal(moved, tensor) and moved.dtype == tensor.dtype and moved.shape == tensor.shape
+        assert moved.data_ptr() % 4096 == 0 and "hg" in vm_flags(moved.data_ptr())
+    assert copies[0].data_ptr() % compiled_decode.HUGE_PAGE == 0
+    assert [c.data_ptr() - copies[0].data_ptr() for c in copies] == [0, 4096, 8192]  # side by side
+    assert len({c.untyped_storage().data_ptr() for c in copies}) == 3  # a storage each
+    copies[0][0, 0] = 99.0
+    assert tensors[0][0, 0] != 99.0  # copies, not views
+
+
+@needs_huge_pages
+def test_to_huge_pages_moves_shared_and_tied_weights_in_place():
+    model, tok = tiny()
+    model = copy.deepcopy(model)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's are
+    ours = scratch.from_hf(model)
+    ids = tok("Hello there", return_tensors="pt").input_ids
+    before = {name: p.detach().clone() for name, p in ours.named_parameters()}
+    params = dict(ours.named_parameters())
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert compiled_decode.to_huge_pages(ours)
+    assert dict(ours.named_parameters()) == params  # the same Parameter objects
+    for name, p in ours.named_parameters():
+        assert torch.equal(p, before[name]) and "hg" in vm_flags(p.data_ptr()), name
+    assert ours.output.weight is ours.tok_embeddings.weight is model.lm_head.weight  # still tied and shared
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits, rtol=0, atol=0)  # the HF model reads them too
+    with torch.device("meta"):  # weights elsewhere than the CPU's memory (as on a GPU) stay where they are
+        elsewhere = scratch.Llama(ours.config)
+    assert compiled_decode.to_huge_pages(elsewhere) is False and elsewhere.output.weight.is_meta
+
+
+def test_without_huge_pages_nothing_moves_and_in_huge_pages_says_why(monkeypatch, tmp_path):
+    setting = tmp_path / "enabled"
+    setting.write_text("always madvise [never]\n")
+    monkeypatch.setattr(compiled_decode, "THP_SETTING", setting)
+    assert not compiled_decode.huge_pages_available()
+    model = scratch.from_hf(tiny()[0])
+    pointers = [p.data_ptr() for p in model.parameters()]
+    assert compiled_decode.to_huge_pages(model) is False
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+    with pytest.raises(OSError, match="never"):
+        compiled_decode.in_huge_pages([torch.zeros(2)])
+    monkeypatch.setattr(compiled_decode, "THP_SETTING", tmp_path / "missing")  # not Linux
+    assert not compiled_decode.huge_pages_available()
 
 
 def test_compile_decode_refuses_a_transformers_model():
