@@ -245,15 +245,27 @@ def export_step(model: scratch.Llama) -> torch.export.ExportedProgram:
 
 
 def _package_path(model: scratch.Llama) -> Path:
-    """Where the ahead-of-time step of a model of this structure is kept: its key is everything the
-    compiled code depends on (the configuration, dtype, torch, the CPU's vector instructions, and
-    the code of this module and of the model)."""
+    """Where the ahead-of-time step of a model of this structure is kept, named by two keys: what
+    it was compiled for (the configuration, dtype, torch and the CPU's vector instructions), then
+    the code it was compiled from (this module and the model's)."""
     from llama_lab.models import cache_dir  # models imports transformers: only here, when needed
 
+    target = repr((model.config, model.output.weight.dtype, torch.__version__,
+                   torch.backends.cpu.get_cpu_capability())).encode()
     code = Path(scratch.__file__).read_bytes() + Path(__file__).read_bytes()
-    key = repr((model.config, model.output.weight.dtype, torch.__version__,
-                torch.backends.cpu.get_cpu_capability())).encode()
-    return cache_dir() / "aoti" / f"decode-step-{hashlib.sha256(key + code).hexdigest()[:16]}.pt2"
+    keys = (hashlib.sha256(part).hexdigest()[:16] for part in (target, code))
+    return cache_dir() / "aoti" / "decode-step-{}-{}.pt2".format(*keys)
+
+
+def _remove_older_code(path: Path) -> None:
+    """Delete the packages of the same target compiled from other code (an earlier llama-lab), 8 MB
+    each for SmolLM2-135M, and those named by one key (llama-lab before 2026-12-06); a package
+    being written (its name holds `.partial`) is left alone."""
+    target = path.stem.rsplit("-", 1)[0]
+    for pattern in (f"{target}-{'?' * 16}.pt2", f"decode-step-{'?' * 16}.pt2"):
+        for stale in path.parent.glob(pattern):
+            if stale != path:
+                stale.unlink(missing_ok=True)
 
 
 class AheadOfTimeStep:
@@ -266,7 +278,8 @@ class AheadOfTimeStep:
     less time a step in fp32, 13 % in bf16 (medians of 12 rounds).
 
     Compiling takes about 2 minutes for SmolLM2-135M on 2 cores (2.5 in bf16), once per machine:
-    a later `AheadOfTimeStep` of the same structure loads the file in a second or two. The
+    a later `AheadOfTimeStep` of the same structure loads the file in a second or two, and a
+    new compilation (after an update of llama-lab) deletes the packages it replaces. The
     weights are inputs: it reads the tensors it was given (in-place changes are seen; a replaced
     Parameter is not).
     """
@@ -281,6 +294,7 @@ class AheadOfTimeStep:
                 partial = path.with_suffix(f".{os.getpid()}.partial.pt2")
                 torch._inductor.aoti_compile_and_package(export_step(model), package_path=str(partial))
                 os.replace(partial, path)  # whole or not at all, even with two processes compiling
+                _remove_older_code(path)
             compiled = torch._inductor.aoti_load_package(str(path))
         # The loaded package's own call flattens (token, tensors, keys, values) with pytree at every
         # step, 0.2 ms for SmolLM2-135M's 335 inputs: the same flat list is built here instead.

@@ -71,17 +71,26 @@ def test_compile_decode_ahead_of_time_gives_the_same_tokens_compiled_once_per_ma
     longer = tok("Hello there, how are you", return_tensors="pt").input_ids
     eager = scratch.from_hf(model)
     expected = [sampling.generate(eager, prompt, 20, eos_token_id=[]) for prompt in (ids, longer)]
+    path = compiled_decode._package_path(scratch.from_hf(model))
+    target = path.stem.rsplit("-", 1)[0]
+    older, legacy, other, partial = (tmp_path / "aoti" / name for name in (
+        f"{target}-{'0' * 16}.pt2",  # compiled by an earlier llama-lab: replaced, so deleted
+        f"decode-step-{'2' * 16}.pt2",  # named by one key, as before 2026-12-06: deleted
+        f"decode-step-{'1' * 16}-{'0' * 16}.pt2",  # another model or dtype: kept
+        f"{target}-{'0' * 16}.123.partial.pt2"))  # another process writing one: left alone
+    older.parent.mkdir()
+    for name in (older, legacy, other, partial):
+        name.write_bytes(b"")
     fast = compiled_decode.compile_decode(scratch.from_hf(model), ahead_of_time=True)
-    packages = list((tmp_path / "aoti").glob("*"))
-    assert [p.suffix for p in packages] == [".pt2"]  # one package, no partial one left
+    assert sorted((tmp_path / "aoti").glob("*")) == sorted([path, other, partial])  # no partial of its own
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert torch.equal(sampling.generate(fast, ids, 20, eos_token_id=[]), expected[0])
     assert torch.equal(sampling.generate(fast, longer, 20, eos_token_id=[]), expected[1])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # torch.compile never ran
 
-    written = packages[0].stat().st_mtime_ns
+    written = path.stat().st_mtime_ns
     again = compiled_decode.compile_decode(scratch.from_hf(model), ahead_of_time=True)  # loaded, not compiled
-    assert list((tmp_path / "aoti").glob("*")) == packages and packages[0].stat().st_mtime_ns == written
+    assert path.stat().st_mtime_ns == written and len(list((tmp_path / "aoti").glob("*"))) == 3
     cache = again.new_cache(1, ids.shape[1] + 1)  # room for one more token, then none
     again(ids, cache)
     again(ids[:, -1:], cache)
