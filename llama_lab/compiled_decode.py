@@ -168,6 +168,9 @@ def in_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     offset = -torch.frombuffer(block, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
     copies = []
     for tensor, size in zip(tensors, sizes, strict=True):
+        if not size:  # an empty tensor: no memory to place
+            copies.append(torch.empty_like(tensor, device="cpu"))
+            continue
         copy = torch.frombuffer(block, dtype=tensor.dtype, count=tensor.numel(), offset=offset)
         copies.append(copy.view(tensor.shape).copy_(tensor.detach()))
         offset += size

@@ -142,6 +142,9 @@ def test_in_huge_pages_copies_each_tensor_into_one_block_that_asks_for_2_mb_page
     assert len({c.untyped_storage().data_ptr() for c in copies}) == 3  # a storage each
     copies[0][0, 0] = 99.0
     assert tensors[0][0, 0] != 99.0  # copies, not views
+    empty, after = compiled_decode.in_huge_pages([torch.zeros(0, 4), torch.ones(2)])
+    assert empty.shape == (0, 4) and after.tolist() == [1, 1]  # nothing to place for the empty one
+    assert after.data_ptr() % compiled_decode.HUGE_PAGE == 0
 
 
 @needs_huge_pages
