@@ -26,7 +26,8 @@ def setup(seed: int = 0) -> None:
 
     Seeds Python, NumPy and torch; silences transformers' info logs, progress
     bars and the warnings they print on every load (and bitsandbytes' notices
-    about its optional CPU kernels, and waitress' "Task queue depth" line, whose count depends on
+    about its optional CPU kernels, the `kernels` package's when bitsandbytes asks it for one
+    offline, and waitress' "Task queue depth" line, whose count depends on
     the timing of a run; the notebook shows the queue itself); sets a small, readable
     figure style so stored notebooks stay light.
     """
@@ -38,6 +39,7 @@ def setup(seed: int = 0) -> None:
     torch.manual_seed(seed)
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its notices when peft imports it on a CPU
+    logging.getLogger("kernels").setLevel(logging.ERROR)  # "Skipping publisher trust check", offline
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()

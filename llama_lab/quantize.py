@@ -180,11 +180,14 @@ class _DropMessage(logging.Filter):
         return not str(record.msg).startswith(self.start)
 
 
-# bitsandbytes logs these through the logging module: the first once at import on CPUs with
-# AVX-512 bf16 (an optional kernel from the Hub, not needed), the second on every int8 product.
+# These come through the logging module: the first once at import on CPUs with AVX-512 bf16
+# (bitsandbytes asks the `kernels` package for an optional kernel from the Hub, not needed), the
+# second on every int8 product, the third from `kernels` itself (a dependency of transformers
+# since 5.25) when it is asked for that kernel offline.
 _BITSANDBYTES_NOISE = {
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
     "bitsandbytes.autograd._functions": "MatMul8bitLt: inputs will be cast",
+    "kernels._internals.hf_hub": "Skipping publisher trust check",
 }
 
 

@@ -165,7 +165,8 @@ def test_bitsandbytes_import_and_int8_products_are_quiet():
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert quiet.returncode == 0, quiet.stderr
     out = quiet.stdout + quiet.stderr
-    assert noisy not in out and "MatMul8bitLt" not in out
+    for message in (noisy, "MatMul8bitLt", "Skipping publisher trust check"):  # the last: kernels', offline
+        assert message not in out
 
 
 # --- measuring -------------------------------------------------------------------------------
